@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -122,6 +123,16 @@ def file_hash(path: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
+def array_hash(*arrays: np.ndarray) -> str:
+    """sha256 (first 16 hex digits) of arrays' shapes, dtypes and bytes."""
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:16]
+
+
 def write_manifest(stage_dir: str | Path, config_hash: str, inputs: dict[str, str],
                    outputs: list[str], extra: dict | None = None) -> dict:
     """Record a finished stage: config hash, input hashes, and the hash of each output file (written last)."""
@@ -176,3 +187,29 @@ def stage_status(stage_dir: str | Path, config_hash: str, inputs: dict[str, str]
 def invalidate(stage_dir: str | Path) -> None:
     """Forget that a stage finished (its training state, if any, is kept for resuming)."""
     (Path(stage_dir) / "manifest.json").unlink(missing_ok=True)
+
+
+def reset_if_stale(stage_dir: str | Path, key: dict, files: tuple[str, ...], key_file: str = "state_key.json") -> bool:
+    """Delete the resumable `files` of `stage_dir` when they were made under another `key`; True if deleted.
+
+    `key` is every setting and input hash that the files depend on; it is kept in `key_file`.
+    """
+    stage_dir = Path(stage_dir)
+    path = stage_dir / key_file
+    old = None
+    if path.is_file():
+        try:
+            old = read_json(path)
+        except ArtifactError:
+            old = None
+    if old == key:
+        return False
+    stale = [stage_dir / f for f in files if (stage_dir / f).exists()]
+    for p in stale:
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+    invalidate(stage_dir)
+    write_json(path, key)
+    return bool(stale)

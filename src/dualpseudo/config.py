@@ -281,8 +281,10 @@ def to_yaml(cfg: ExperimentConfig) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-def config_hash(section: Any) -> str:
-    """A stable short hash of a config section (or any JSON-able value)."""
+def config_hash(section: Any, exclude: tuple[str, ...] = ()) -> str:
+    """A stable short hash of a config section (or any JSON-able value), leaving out the `exclude` fields."""
     payload = to_dict(section) if dataclasses.is_dataclass(section) else section
+    if exclude:
+        payload = {k: v for k, v in payload.items() if k not in exclude}
     blob = json.dumps(payload, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]

@@ -1,0 +1,108 @@
+"""Semi-supervised losses in USB's vocabulary (x_lb, y_lb, x_ulb_w, x_ulb_s, p_cutoff, lambda_u).
+
+- FixMatch (Sohn et al., NeurIPS 2020): the weak view's prediction becomes a hard pseudo-label for the strong
+  view where its confidence reaches the fixed threshold `p_cutoff`.
+- FreeMatch (Wang et al., ICLR 2023): the threshold is self-adaptive. A global tau_t (EMA of the mean max
+  confidence, Eq. 6) is modulated per class by the local p~_t (EMA of the mean class probability, Eq. 7):
+  mask = max q >= MaxNorm(p~_t)[argmax q] * tau_t (Eq. 8-9). The self-adaptive fairness loss (Eq. 10-11) is
+  L_f = -H(SumNorm(p~_t / h~_t), SumNorm(p_bar / h_bar)), with p_bar, h_bar the mean strong-view probability
+  and the histogram of strong-view predictions over masked samples, and h~_t the EMA histogram of
+  pseudo-labels. The threshold state is the explicit `FreeMatchThreshold`, saved with the training state.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def supervised_loss(logits_x_lb: torch.Tensor, y_lb: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of labeled logits (B, C) against labels (B,)."""
+    return F.cross_entropy(logits_x_lb, y_lb)
+
+
+def consistency_loss(logits_x_ulb_s: torch.Tensor, logits_x_ulb_w: torch.Tensor, mask: torch.Tensor,
+                     hard_label: bool = True, T: float = 1.0) -> torch.Tensor:
+    """Masked CE of strong logits (U, C) against the weak view's pseudo-labels; mean over all U samples."""
+    probs_w = torch.softmax(logits_x_ulb_w.detach().float(), dim=-1)
+    if hard_label:
+        ce = F.cross_entropy(logits_x_ulb_s, probs_w.argmax(-1), reduction="none")       # (U,)
+    else:
+        target = torch.softmax(logits_x_ulb_w.detach().float() / T, dim=-1)              # (U, C) sharpened
+        ce = -(target * F.log_softmax(logits_x_ulb_s, dim=-1)).sum(-1)
+    return (ce * mask).mean()
+
+
+def fixmatch_mask(logits_x_ulb_w: torch.Tensor, p_cutoff: float) -> torch.Tensor:
+    """1.0 where max softmax of the weak logits (U, C) is >= p_cutoff, else 0.0; shape (U,)."""
+    probs = torch.softmax(logits_x_ulb_w.detach().float(), dim=-1)
+    return (probs.amax(-1) >= p_cutoff).float()
+
+
+@dataclass
+class FreeMatchThreshold:
+    """FreeMatch's self-adaptive threshold state: global tau (time_p), local p_model, label histogram."""
+
+    time_p: torch.Tensor        # () tau_t, EMA of the mean max confidence
+    p_model: torch.Tensor       # (C,) p~_t, EMA of the mean class probability
+    label_hist: torch.Tensor    # (C,) h~_t, EMA of the normalised pseudo-label histogram
+    momentum: float = 0.999     # lambda of Eq. 6-7
+
+    @classmethod
+    def init(cls, num_classes: int, momentum: float = 0.999, device: torch.device | str = "cpu"):
+        """All three estimates start uniform: tau_0 = 1/C, p~_0 = h~_0 = 1/C."""
+        uniform = torch.full((num_classes,), 1.0 / num_classes, device=device)
+        return cls(uniform.mean(), uniform.clone(), uniform.clone(), momentum)
+
+    @torch.no_grad()
+    def update(self, probs_x_ulb_w: torch.Tensor) -> None:
+        """EMA-update tau, p~ and h~ with the weak-view probabilities (U, C) of one batch."""
+        m = self.momentum
+        max_probs, max_idx = probs_x_ulb_w.max(dim=-1)
+        self.time_p = self.time_p * m + (1 - m) * max_probs.mean()
+        self.p_model = self.p_model * m + (1 - m) * probs_x_ulb_w.mean(dim=0)
+        hist = torch.bincount(max_idx, minlength=self.p_model.shape[0]).to(self.p_model.dtype)
+        self.label_hist = self.label_hist * m + (1 - m) * hist / hist.sum()
+
+    def thresholds(self) -> torch.Tensor:
+        """Class-wise thresholds tau_t(c) = MaxNorm(p~_t)(c) * tau_t; shape (C,)."""
+        return self.p_model / self.p_model.max() * self.time_p
+
+    @torch.no_grad()
+    def mask(self, logits_x_ulb_w: torch.Tensor, update: bool = True) -> torch.Tensor:
+        """Update the state with this batch (as USB does), then 1.0 where max q >= tau_t(argmax q); shape (U,)."""
+        probs = torch.softmax(logits_x_ulb_w.detach().float(), dim=-1)                  # (U, C)
+        if update:
+            self.update(probs)
+        max_probs, max_idx = probs.max(dim=-1)
+        return (max_probs >= self.thresholds()[max_idx]).float()
+
+    def state_dict(self) -> dict:
+        return {"time_p": self.time_p.clone(), "p_model": self.p_model.clone(),
+                "label_hist": self.label_hist.clone(), "momentum": self.momentum}
+
+    def load_state_dict(self, state: dict) -> None:
+        device = self.p_model.device
+        self.time_p = state["time_p"].to(device)
+        self.p_model = state["p_model"].to(device)
+        self.label_hist = state["label_hist"].to(device)
+        self.momentum = float(state["momentum"])
+
+
+def fairness_loss(logits_x_ulb_s: torch.Tensor, mask: torch.Tensor, state: FreeMatchThreshold) -> torch.Tensor:
+    """FreeMatch's self-adaptive fairness loss (Eq. 10-11), a scalar; 0 when no sample passes the mask."""
+    keep = mask.bool()
+    if not bool(keep.any()):
+        return logits_x_ulb_s.sum() * 0.0
+    probs_s = torch.softmax(logits_x_ulb_s[keep].float(), dim=-1)                          # (M, C)
+    num_classes = probs_s.shape[1]
+    hist_s = torch.bincount(probs_s.argmax(-1), minlength=num_classes).to(probs_s.dtype)   # h_bar
+    hist_s = hist_s / hist_s.sum()
+    inv_hist_s = torch.nan_to_num(1 / hist_s, nan=0.0, posinf=0.0, neginf=0.0)
+    p_bar = probs_s.mean(dim=0) * inv_hist_s                                               # p_bar / h_bar
+    p_bar = p_bar / p_bar.sum()
+    inv_label_hist = torch.nan_to_num(1 / state.label_hist, nan=0.0, posinf=0.0, neginf=0.0)
+    p_tilde = state.p_model * inv_label_hist                                               # p~ / h~
+    p_tilde = (p_tilde / p_tilde.sum()).detach()
+    return (p_tilde * torch.log(p_bar + 1e-12)).sum()                                      # -H(p~, p_bar)

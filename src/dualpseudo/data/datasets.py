@@ -1,0 +1,246 @@
+"""Image datasets as plain arrays: uint8 images (N, H, W, C) and int64 labels.
+
+Readers for Fashion-MNIST / MNIST (IDX files, gzipped or not), CIFAR-10 (python pickle batches, read with a
+restricted unpickler that cannot run code), a folder of class sub-folders of images, and a synthetic dataset
+for tests. Every problem with the files raises `DataError` with a one-line message naming the file.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..config import DataConfig
+
+
+class DataError(ValueError):
+    """A dataset problem a user can fix; the message names the file and what to do."""
+
+
+FASHION_MNIST_CLASSES = ["t-shirt/top", "trouser", "pullover", "dress", "coat",
+                         "sandal", "shirt", "sneaker", "bag", "ankle boot"]
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+@dataclass(frozen=True, eq=False)
+class Dataset:
+    name: str
+    train_images: np.ndarray   # (N, H, W, C) uint8
+    train_labels: np.ndarray   # (N,) int64 in 0..C-1
+    test_images: np.ndarray    # (M, H, W, C) uint8, M may be 0
+    test_labels: np.ndarray    # (M,) int64
+    class_names: tuple[str, ...]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train_images.shape[1:])
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 (16 hex digits) of every image and label, train and test."""
+        h = hashlib.sha256(self.name.encode())
+        for a in (self.train_images, self.train_labels, self.test_images, self.test_labels):
+            h.update(str(a.shape).encode())
+            h.update(np.ascontiguousarray(a).tobytes())
+        return h.hexdigest()[:16]
+
+
+def load_dataset(cfg: DataConfig) -> Dataset:
+    """Read the dataset named by `cfg`, check it, and apply `train_limit`/`test_limit`."""
+    if cfg.name in ("fashion_mnist", "mnist"):
+        names = FASHION_MNIST_CLASSES if cfg.name == "fashion_mnist" else [str(i) for i in range(10)]
+        ds = _load_idx_dataset(cfg.name, Path(cfg.root), names)
+    elif cfg.name == "cifar10":
+        ds = _load_cifar10(Path(cfg.root))
+    elif cfg.name == "folder":
+        ds = _load_folder(Path(cfg.root))
+    else:
+        ds = make_synthetic(cfg.synthetic_classes, cfg.synthetic_train_per_class, cfg.synthetic_test_per_class,
+                            cfg.synthetic_size, cfg.synthetic_channels, seed=cfg.split_seed)
+    if cfg.train_limit:
+        ds = Dataset(ds.name, ds.train_images[:cfg.train_limit], ds.train_labels[:cfg.train_limit],
+                     ds.test_images, ds.test_labels, ds.class_names)
+    if cfg.test_limit:
+        ds = Dataset(ds.name, ds.train_images, ds.train_labels,
+                     ds.test_images[:cfg.test_limit], ds.test_labels[:cfg.test_limit], ds.class_names)
+    validate(ds)
+    return ds
+
+
+def validate(ds: Dataset) -> None:
+    """Check shapes, dtypes and label ranges of a dataset."""
+    for split, x, y in (("train", ds.train_images, ds.train_labels), ("test", ds.test_images, ds.test_labels)):
+        if x.ndim != 4 or x.dtype != np.uint8:
+            raise DataError(f"{ds.name} {split} images must be uint8 (N, H, W, C), got {x.dtype} {x.shape}")
+        if len(x) != len(y):
+            raise DataError(f"{ds.name} {split}: {len(x)} images but {len(y)} labels")
+        if len(y) and (y.min() < 0 or y.max() >= ds.num_classes):
+            bad = int(y[(y < 0) | (y >= ds.num_classes)][0])
+            raise DataError(f"{ds.name} {split}: label {bad} is outside 0..{ds.num_classes - 1}")
+    if len(ds.train_images) == 0:
+        raise DataError(f"{ds.name}: the training set is empty")
+    if len(ds.test_images) and ds.test_images.shape[1:] != ds.train_images.shape[1:]:
+        raise DataError(f"{ds.name}: test images {ds.test_images.shape[1:]} differ from train {ds.train_images.shape[1:]}")
+
+
+# ---------------------------------------------------------------------------------------------- IDX (MNIST family)
+def _find(root: Path, stem: str, how_to_get: str) -> Path:
+    for p in (root / stem, root / f"{stem}.gz"):
+        if p.is_file():
+            return p
+    raise DataError(f"missing {root / stem}(.gz); {how_to_get}")
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (gzipped or raw) of unsigned bytes into an array of its declared shape."""
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise DataError(f"{path} is not a valid gzip file ({e}); re-download it") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise DataError(f"{path} is not an IDX file of unsigned bytes (bad magic number)")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"{path} is truncated (header incomplete)")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    expected = header + int(np.prod(shape))
+    if len(raw) != expected:
+        raise DataError(f"{path} is truncated or corrupt: {len(raw)} bytes, header says {expected}")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def _load_idx_dataset(name: str, root: Path, class_names: list[str]) -> Dataset:
+    how = ("install it with `apt-get install dataset-fashion-mnist` or run `make data`" if name == "fashion_mnist"
+           else "download the four MNIST IDX files into that folder")
+    arrays = {}
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        x = read_idx(_find(root, f"{prefix}-images-idx3-ubyte", how))
+        y = read_idx(_find(root, f"{prefix}-labels-idx1-ubyte", how))
+        if x.ndim != 3 or y.ndim != 1:
+            raise DataError(f"{root}: {prefix} files have shapes {x.shape} and {y.shape}, expected (N,H,W) and (N,)")
+        if len(x) != len(y):
+            raise DataError(f"{root}: {len(x)} {prefix} images but {len(y)} {prefix} labels")
+        arrays[split] = (x[..., None].copy(), y.astype(np.int64))
+    return Dataset(name, *arrays["train"], *arrays["test"], tuple(class_names))
+
+
+# ---------------------------------------------------------------------------------------------- CIFAR-10
+class _SafeUnpickler(pickle.Unpickler):
+    """Allows only the numpy reconstruction helpers found in CIFAR batches; anything else is refused."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("builtins", "list"), ("builtins", "dict")}
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    if not path.is_file():
+        raise DataError(f"missing {path}; extract cifar-10-python.tar.gz so that {path.parent} holds the batches")
+    try:
+        d = _SafeUnpickler(io.BytesIO(path.read_bytes()), encoding="bytes").load()
+        data = np.asarray(d[b"data"], dtype=np.uint8)
+        labels = np.asarray(d[b"labels"], dtype=np.int64)
+        images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy()  # (N, 32, 32, 3)
+    except Exception as e:
+        raise DataError(f"{path} is not a valid CIFAR-10 batch ({type(e).__name__}: {e})") from None
+    if len(images) != len(labels):
+        raise DataError(f"{path}: {len(images)} images but {len(labels)} labels")
+    return images, labels
+
+
+def _load_cifar10(root: Path) -> Dataset:
+    if (root / "cifar-10-batches-py").is_dir():
+        root = root / "cifar-10-batches-py"
+    train = [_read_cifar_batch(root / f"data_batch_{i}") for i in range(1, 6)]
+    test_x, test_y = _read_cifar_batch(root / "test_batch")
+    return Dataset("cifar10", np.concatenate([x for x, _ in train]), np.concatenate([y for _, y in train]),
+                   test_x, test_y, tuple(CIFAR10_CLASSES))
+
+
+# ---------------------------------------------------------------------------------------------- image folders
+def _read_folder_split(root: Path, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    from PIL import Image, UnidentifiedImageError
+
+    images, labels, mode, size = [], [], None, None
+    for c, cls in enumerate(classes):
+        folder = root / cls
+        if not folder.is_dir():
+            continue
+        for p in sorted(folder.iterdir()):
+            if p.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            try:
+                with Image.open(p) as im:
+                    im.load()
+                    if mode is None:
+                        mode = "L" if im.mode in ("L", "1", "I;16", "I") else "RGB"
+                    arr = np.asarray(im.convert(mode), dtype=np.uint8)
+            except (UnidentifiedImageError, OSError, SyntaxError) as e:
+                raise DataError(f"cannot read image {p} ({e})") from None
+            if size is None:
+                size = arr.shape[:2]
+            elif arr.shape[:2] != size:
+                raise DataError(f"image {p} is {arr.shape[1]}x{arr.shape[0]}, others are {size[1]}x{size[0]}")
+            images.append(arr.reshape(*size, -1))
+            labels.append(c)
+    if not images:
+        return np.zeros((0, 1, 1, 1), np.uint8), np.zeros(0, np.int64)
+    return np.stack(images), np.asarray(labels, np.int64)
+
+
+def _load_folder(root: Path) -> Dataset:
+    """`root/train/<class>/*.png` (+ optional `root/test/<class>/`), or `root/<class>/*.png` with no test set."""
+    if not root.is_dir():
+        raise DataError(f"image folder {root} does not exist")
+    train_root = root / "train" if (root / "train").is_dir() else root
+    classes = sorted(p.name for p in train_root.iterdir() if p.is_dir() and p.name != "test")
+    if len(classes) < 2:
+        raise DataError(f"{train_root} must hold one sub-folder of images per class (found {len(classes)})")
+    x, y = _read_folder_split(train_root, classes)
+    if len(x) == 0:
+        raise DataError(f"no images found under {train_root}")
+    if (root / "test").is_dir() and train_root != root:
+        tx, ty = _read_folder_split(root / "test", classes)
+    else:
+        tx, ty = np.zeros((0, *x.shape[1:]), np.uint8), np.zeros(0, np.int64)
+    return Dataset(f"folder:{root.name}", x, y, tx, ty, tuple(classes))
+
+
+# ---------------------------------------------------------------------------------------------- synthetic
+def make_synthetic(num_classes: int = 4, train_per_class: int = 64, test_per_class: int = 16, size: int = 16,
+                   channels: int = 1, seed: int = 0) -> Dataset:
+    """Class c is a bright bar at angle c*pi/C through the centre, with jittered position, width and noise."""
+    rng = np.random.default_rng(seed + 12345)
+
+    def draw(n_per_class: int) -> tuple[np.ndarray, np.ndarray]:
+        yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) - (size - 1) / 2
+        labels = np.repeat(np.arange(num_classes), n_per_class)
+        n = len(labels)
+        angle = labels * np.pi / num_classes + rng.normal(0, 0.08, n)
+        shift = rng.normal(0, size * 0.06, (n, 2))
+        width = rng.uniform(size * 0.08, size * 0.14, n)
+        dist = np.abs((xx[None] - shift[:, 0, None, None]) * np.sin(angle)[:, None, None]
+                      - (yy[None] - shift[:, 1, None, None]) * np.cos(angle)[:, None, None])
+        img = np.exp(-(dist / width[:, None, None]) ** 2) + rng.normal(0, 0.05, (n, size, size))
+        img = np.clip(img * 255, 0, 255).astype(np.uint8)[..., None].repeat(channels, axis=-1)
+        return img, labels.astype(np.int64)
+
+    x, y = draw(train_per_class)
+    tx, ty = draw(test_per_class)
+    perm = rng.permutation(len(x))
+    return Dataset("synthetic", x[perm], y[perm], tx, ty, tuple(f"class{c}" for c in range(num_classes)))

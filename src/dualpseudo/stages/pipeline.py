@@ -1,0 +1,278 @@
+"""The DPT pipeline: plan the stages, reuse the finished ones, run the rest, resume the interrupted one.
+
+A step is done when its manifest matches its config hash and the hashes of its inputs (the upstream files it
+reads), so changing a stage-2 setting re-runs stages 2 and 3 and keeps stage 1. Rounds after the first repeat
+stages 2-3 with the newest classifier's pseudo-labels (`rounds: N`, beyond the paper).
+"""
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import yaml
+
+from .. import __version__, runtime
+from ..artifacts import (ArtifactError, file_hash, read_json, reset_if_stale, stage_status, write_json,
+                         write_manifest, write_text)
+from ..config import ExperimentConfig, config_hash, load_config, to_dict, to_yaml
+from ..data.datasets import Dataset, load_dataset
+from ..data.splits import labeled_split, read_indices, split_record
+from ..rundir import RunDir
+
+ALL_STAGES = ("stage1", "stage2", "stage3", "evaluation")
+
+
+class RunDirError(RuntimeError):
+    """The run directory cannot be used as asked (e.g. it was made by another config)."""
+
+
+@dataclass
+class Step:
+    name: str                              # e.g. "stage2" or "round2/stage2"
+    dir: Path
+    config_hash: str
+    inputs: Callable[[], dict[str, str]]   # hashes of the upstream files it reads (valid once upstream is done)
+    run: Callable[[], tuple[list[str], dict]]  # -> (output file names, summary for the manifest)
+    resumable: tuple[str, ...] = ("state.pt", "stats.jsonl")  # training state, dropped when hashes change
+
+
+# ---------------------------------------------------------------------------------------------- run directory
+def check_run_dir(cfg: ExperimentConfig, run: RunDir, force: bool) -> None:
+    """Refuse a run directory made by a different config unless `force`."""
+    if not run.config.is_file():
+        return
+    try:
+        old = yaml.safe_load(run.config.read_text()) or {}
+    except yaml.YAMLError:
+        old = {}
+    new = to_dict(cfg)
+    changed = sorted(_diff(old, new))
+    if changed and not force:
+        shown = ", ".join(changed[:6]) + (" ..." if len(changed) > 6 else "")
+        raise RunDirError(f"run directory {run.root} was made by a different config (changed: {shown}); "
+                          f"use a new --run-dir, or --force to re-run the stages these keys affect")
+
+
+def _diff(old: dict, new: dict, prefix: str = "") -> set[str]:
+    out = set()
+    for k in set(old) | set(new):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out |= _diff(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.add(prefix + k)
+    return out
+
+
+def _write_env(run: RunDir, device: str) -> None:
+    import torch
+
+    write_json(run.env, {"dualpseudo": __version__, "python": platform.python_version(), "torch": torch.__version__,
+                         "numpy": np.__version__, "platform": platform.platform(), "device": device,
+                         "threads": torch.get_num_threads(), "command": sys.argv})
+
+
+def load_run_config(run: RunDir) -> ExperimentConfig:
+    if not run.config.is_file():
+        raise RunDirError(f"{run.root} is not a run directory (no config.yaml); run `dualpseudo run CONFIG --run-dir {run.root}` first")
+    return load_config(run.config)
+
+
+# ---------------------------------------------------------------------------------------------- the steps
+def labeled_indices(cfg: ExperimentConfig, ds: Dataset) -> tuple[np.ndarray, str]:
+    if cfg.data.labeled_indices:
+        return read_indices(cfg.data.labeled_indices, len(ds.train_labels)), f"file:{cfg.data.labeled_indices}"
+    idx = labeled_split(ds.train_labels, ds.num_classes, cfg.data.labels_per_class, cfg.data.split_seed)
+    return idx, f"{cfg.data.labels_per_class} per class, seed {cfg.data.split_seed}"
+
+
+def build_steps(cfg: ExperimentConfig, run: RunDir, ds: Dataset, stages: tuple[str, ...], device) -> list[Step]:
+    """The steps needed for `stages`, upstream ones included, in order."""
+    from .pseudo_images import PSEUDO_IMAGES, run_stage2
+    from .pseudo_labels import PSEUDO_LABELS, fit_and_label
+    from .retrain import run_stage3
+
+    rt = {"seed": cfg.runtime.seed, "precision": cfg.runtime.precision}
+    last = max(ALL_STAGES.index(s) for s in stages)
+    rounds = cfg.rounds if stages == ALL_STAGES else 1
+    idx, source = labeled_indices(cfg, ds)
+    s1 = run.stage1
+    steps: list[Step] = []
+
+    def stage1() -> tuple[list[str], dict]:
+        write_json(s1 / "split.json", split_record(idx, ds.train_labels, ds.num_classes, ds.fingerprint,
+                                                   cfg.data.split_seed, source))
+        m = fit_and_label(cfg, ds, idx, s1, device)
+        return ["split.json", "classifier.safetensors", PSEUDO_LABELS, "metrics.json"], _summary(m)
+
+    steps.append(Step("stage1", s1, config_hash({"data": cfg.data, "stage1": cfg.stage1, **rt}),
+                      lambda: {"dataset": ds.fingerprint}, stage1))
+    if last < 1:
+        return steps
+
+    for r in range(1, rounds + 1):
+        labels_src = s1 / PSEUDO_LABELS if r == 1 else run.stage("stage3", r - 1) / PSEUDO_LABELS
+        d2, d3, de = run.stage("stage2", r), run.stage("stage3", r), run.stage("evaluation", r)
+        tag = "" if r == 1 else f"round{r}/"
+
+        def stage2(d2=d2, labels_src=labels_src):
+            src = labels_src if cfg.stage2.label_source == "pseudo" else None
+            m = run_stage2(cfg, ds, src, d2, device)
+            return [PSEUDO_IMAGES, "diffusion.safetensors", "grid.png"], m
+
+        def inputs2(labels_src=labels_src):
+            if cfg.stage2.label_source != "pseudo":
+                return {"dataset": ds.fingerprint}
+            return {"pseudo_labels": _hash_or_missing(labels_src)}
+
+        steps.append(Step(f"{tag}stage2", d2, config_hash({"stage2": cfg.stage2, "hflip": cfg.data.hflip, **rt}),
+                          inputs2, stage2, resumable=()))
+        if last >= 2:
+            def stage3(d2=d2, d3=d3):
+                base = _stage1_top1(s1)
+                m = run_stage3(cfg, ds, idx, d2 / PSEUDO_IMAGES, d3, device, base)
+                return ["classifier.safetensors", PSEUDO_LABELS, "metrics.json"], _summary(m)
+
+            steps.append(Step(f"{tag}stage3", d3, config_hash({"stage3": cfg.stage3, "stage1": cfg.stage1,
+                                                               "hflip": cfg.data.hflip, **rt}),
+                              lambda d2=d2: {"pseudo_images": _hash_or_missing(d2 / PSEUDO_IMAGES),
+                                             "split": _hash_or_missing(s1 / "split.json")}, stage3))
+        if last >= 3:
+            def evaluation(d2=d2, de=de):
+                from .evaluation import run_evaluation
+                m = run_evaluation(cfg, ds, d2 / PSEUDO_IMAGES, de, run.cache, device)
+                return ["metrics.json"], {k: m.get(k) for k in ("fid", "class_consistency") if k in m}
+
+            steps.append(Step(f"{tag}evaluation", de, config_hash({"evaluation": cfg.evaluation}),
+                              lambda d2=d2: {"pseudo_images": _hash_or_missing(d2 / PSEUDO_IMAGES)}, evaluation,
+                              resumable=()))
+    return steps
+
+
+def _hash_or_missing(path: Path) -> str:
+    return file_hash(path) if path.is_file() else "missing"
+
+
+def _stage1_top1(s1: Path) -> float | None:
+    try:
+        return read_json(s1 / "metrics.json").get("test", {}).get("top1")
+    except ArtifactError:
+        return None
+
+
+def _summary(m: dict) -> dict:
+    return {"test_top1": m.get("test", {}).get("top1"), "pseudo_label_accuracy": m.get("pseudo_labels", {}).get("accuracy")}
+
+
+def plan(steps: list[Step]) -> list[tuple[str, str]]:
+    """(step, what will happen) for each step; a step after one that runs will run too."""
+    out, upstream_runs = [], False
+    for s in steps:
+        done, why = stage_status(s.dir, s.config_hash, s.inputs())
+        if done and not upstream_runs:
+            out.append((s.name, "reuse (done, hashes match)"))
+        else:
+            out.append((s.name, f"run ({why})" if not done else "run (an upstream stage re-runs)"))
+            upstream_runs = True
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- entry points
+def main(config_path: str, overrides: list[str], run_root: Path, stages: tuple[str, ...] = ALL_STAGES,
+         force: bool = False, dry_run: bool = False) -> int:
+    """`dualpseudo run|stage1|stage2|stage3`: returns the process exit code."""
+    cfg = load_config(config_path, overrides)
+    run = RunDir(run_root)
+    check_run_dir(cfg, run, force)
+    ds = load_dataset(cfg.data)
+    device = runtime.setup(cfg.runtime)
+    steps = build_steps(cfg, run, ds, stages, device)
+    if dry_run:
+        print(to_yaml(cfg))
+        print(f"plan for {run.root}:")
+        for name, what in plan(steps):
+            print(f"  {name:<22} {what}")
+        return 0
+    run.root.mkdir(parents=True, exist_ok=True)
+    write_text(run.config, to_yaml(cfg))
+    _write_env(run, str(device))
+    for s in steps:
+        inputs = s.inputs()
+        done, why = stage_status(s.dir, s.config_hash, inputs)
+        if done:
+            print(f"[{s.name}] reused: done, hashes match", flush=True)
+            continue
+        print(f"[{s.name}] running ({why})", flush=True)
+        s.dir.mkdir(parents=True, exist_ok=True)
+        if s.resumable and reset_if_stale(s.dir, {"config": s.config_hash, "inputs": inputs}, s.resumable):
+            print(f"[{s.name}] dropped a training state made with other settings", flush=True)
+        t0 = time.time()
+        outputs, summary = s.run()
+        write_manifest(s.dir, s.config_hash, inputs, outputs,
+                       {"wall_time_s": round(time.time() - t0, 1), "summary": summary})
+        print(f"[{s.name}] done in {time.time() - t0:.0f}s: {json.dumps(summary, default=str)}", flush=True)
+    if stages == ALL_STAGES:
+        from ..report import write_report as _write_report
+        path = _write_report(run)
+        print(f"report: {path}")
+    return 0
+
+
+def sample_grid(run_root: Path, *, per_class: int, out: str | None, guidance_scale: float | None,
+                steps: int | None, sampler: str | None, seed: int, round: int = 1) -> int:
+    """`dualpseudo sample`: a grid with one row per class from a run's diffusion model."""
+    from ..diffuse.train import generate, load_diffusion
+    from ..report import save_grid
+
+    run = RunDir(run_root)
+    cfg = load_run_config(run)
+    path = run.stage("stage2", round) / "diffusion.safetensors"
+    if not path.is_file():
+        raise RunDirError(f"{path} does not exist; run `dualpseudo stage2` for this run directory first")
+    device = runtime.setup(cfg.runtime)
+    ema, meta = load_diffusion(path)
+    C = meta["num_classes"]
+    labels = np.repeat(np.arange(C), per_class)
+    seeds = seed + np.arange(len(labels))
+    images = generate(ema.to(device), labels, seeds, sampler=sampler or cfg.stage2.sampler,
+                      steps=steps or cfg.stage2.steps,
+                      guidance_scale=cfg.stage2.guidance_scale if guidance_scale is None else guidance_scale,
+                      batch_size=cfg.stage2.sample_batch_size, device=device, precision=cfg.runtime.precision)
+    target = Path(out) if out else run.root / "sample_grid.png"
+    save_grid(target, images, rows=C, row_names=meta.get("class_names"))
+    print(target)
+    return 0
+
+
+def evaluate_run(run_root: Path, overrides: list[str]) -> int:
+    """`dualpseudo eval`: (re-)evaluate every round's pseudo-images of a run directory."""
+    run = RunDir(run_root)
+    cfg = load_run_config(run)
+    if overrides:
+        cfg = load_config(run.config, overrides)
+    ds = load_dataset(cfg.data)
+    device = runtime.setup(cfg.runtime)
+    steps = [s for s in build_steps(cfg, run, ds, ALL_STAGES, device) if s.name.endswith("evaluation")]
+    for s in steps:
+        if not (s.dir.parent / "stage2" / "pseudo_images.npz").is_file():
+            raise RunDirError(f"{s.dir.parent / 'stage2'} has no pseudo_images.npz; run stage 2 first")
+        outputs, summary = s.run()
+        write_manifest(s.dir, s.config_hash, s.inputs(), outputs, {"summary": summary})
+        print(f"[{s.name}] {json.dumps(summary, default=str)}")
+    return 0
+
+
+def write_report(run_root: Path) -> int:
+    """`dualpseudo report`."""
+    from ..report import write_report as _write_report
+
+    run = RunDir(run_root)
+    load_run_config(run)
+    print(_write_report(run))
+    return 0

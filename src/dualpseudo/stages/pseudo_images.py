@@ -1,0 +1,88 @@
+"""Stage 2: train the class-conditional diffusion model on pseudo-labels, then sample K images per class.
+
+Labels come from the newest classifier's `pseudo_labels.npz` (labeled images carry their true label). With
+`stage2.min_confidence > 0`, images whose pseudo-label is less confident train as the null class (unconditional),
+a variant beyond the paper. `label_source: true` / `none` give the full-label and unconditional references.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..artifacts import array_hash, load_npz, reset_if_stale, save_npz
+from ..config import ExperimentConfig, config_hash
+from ..data.datasets import Dataset
+from ..diffuse.train import generate_chunks, load_diffusion, save_diffusion, train_diffusion
+from ..report import save_grid
+
+DIFFUSION = "diffusion.safetensors"
+PSEUDO_IMAGES = "pseudo_images.npz"
+GRID = "grid.png"
+TRAIN_FILES = ("state.pt", "stats.jsonl", DIFFUSION)
+
+
+def conditioning_labels(cfg: ExperimentConfig, ds: Dataset, pseudo: dict[str, np.ndarray] | None) -> np.ndarray:
+    """Training labels for the diffusion model; `ds.num_classes` is the null (unconditional) class."""
+    null = ds.num_classes
+    source = cfg.stage2.label_source
+    if source == "true":
+        return ds.train_labels.copy()
+    if source == "none":
+        return np.full(len(ds.train_labels), null, dtype=np.int64)
+    labels = pseudo["label"].astype(np.int64).copy()
+    low = (pseudo["confidence"] < cfg.stage2.min_confidence) & ~pseudo["is_labeled"]
+    labels[low] = null
+    return labels
+
+
+def sample_seeds(cfg: ExperimentConfig, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and per-image seeds: image k of class c has index c*K + k and seed sample_seed*2**20 + index."""
+    K = cfg.stage2.images_per_class
+    labels = np.repeat(np.arange(num_classes, dtype=np.int64), K)
+    seeds = cfg.stage2.sample_seed * 2**20 + np.arange(len(labels), dtype=np.int64)
+    return labels, seeds
+
+
+def run_stage2(cfg: ExperimentConfig, ds: Dataset, pseudo_path: Path | None, out: Path, device: torch.device,
+               progress: bool = True) -> dict:
+    """Train (or resume, or reuse) the diffusion model in `out` and write pseudo_images.npz and grid.png."""
+    s2 = cfg.stage2
+    pseudo = load_npz(pseudo_path, ("label", "confidence", "is_labeled")) if pseudo_path else None
+    labels = conditioning_labels(cfg, ds, pseudo)
+    train_key = {"stage2_train": config_hash(s2, exclude=SAMPLING_FIELDS), "seed": cfg.runtime.seed,
+                 "precision": cfg.runtime.precision, "hflip": cfg.data.hflip,
+                 "labels": array_hash(labels), "dataset": ds.fingerprint}
+    retrained = reset_if_stale(out, train_key, TRAIN_FILES)
+
+    meta = {"network": s2.network, "img_channels": ds.image_shape[2], "image_size": ds.image_shape[0],
+            "num_classes": ds.num_classes, "sigma_data": s2.sigma_data, "class_names": list(ds.class_names)}
+    if (out / DIFFUSION).is_file() and not retrained:
+        ema = load_diffusion(out / DIFFUSION)[0].to(device)
+    else:
+        ema = train_diffusion(s2, images=ds.train_images, labels=labels, num_classes=ds.num_classes, out_dir=out,
+                              device=device, precision=cfg.runtime.precision, seed=cfg.runtime.seed,
+                              hflip=cfg.data.hflip, progress=progress)
+        save_diffusion(out / DIFFUSION, ema, meta)
+
+    # Sampling: its own key, so new sampler settings regenerate without retraining.
+    sample_key = {"model": train_key, **{k: getattr(s2, k) for k in SAMPLING_FIELDS}}
+    reset_if_stale(out, sample_key, ("chunks",), key_file="sample_key.json")
+    gen_labels, seeds = sample_seeds(cfg, ds.num_classes)
+    images = generate_chunks(ema, gen_labels, seeds, out / "chunks", s2.sample_chunk, sampler=s2.sampler,
+                             steps=s2.steps, guidance_scale=s2.guidance_scale, batch_size=s2.sample_batch_size,
+                             device=device, precision=cfg.runtime.precision, progress=progress)
+    save_npz(out / PSEUDO_IMAGES, images=images, labels=gen_labels, seeds=seeds,
+             sampler=np.array(s2.sampler), steps=np.array(s2.steps), guidance_scale=np.array(s2.guidance_scale))
+    K = s2.images_per_class
+    cols = min(K, 10)
+    grid_idx = (np.arange(ds.num_classes)[:, None] * K + np.arange(cols)[None]).reshape(-1)
+    save_grid(out / GRID, images[grid_idx], rows=ds.num_classes, row_names=list(ds.class_names))
+    return {"num_images": int(len(images)), "images_per_class": K, "sampler": s2.sampler, "steps": s2.steps,
+            "guidance_scale": s2.guidance_scale,
+            "conditional_fraction": float((labels < ds.num_classes).mean())}
+
+
+SAMPLING_FIELDS = ("images_per_class", "sampler", "steps", "guidance_scale", "sample_batch_size", "sample_seed",
+                   "sample_chunk")

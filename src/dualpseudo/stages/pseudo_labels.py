@@ -1,0 +1,74 @@
+"""Stages 1 and 3 share one job: fit the classifier, label every training image, and measure it.
+
+Stage 1 fits on the labeled split plus the unlabeled pool; stage 3 fits again with the pseudo-images joining the
+labeled set (`mode: ssl`) or on labeled + pseudo-images alone (`mode: supervised`). The test split is used only
+to report the final EMA model's top-1, never to pick a model or a setting.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..artifacts import save_npz, write_json
+from ..classify.train import predict, save_classifier, train_classifier
+from ..config import ExperimentConfig
+from ..data.datasets import Dataset
+from ..evaluate.classification import confusion_matrix, per_class_accuracy, pseudo_label_report, top1
+
+PSEUDO_LABELS = "pseudo_labels.npz"
+CLASSIFIER = "classifier.safetensors"
+METRICS = "metrics.json"
+
+
+def fit_and_label(cfg: ExperimentConfig, ds: Dataset, labeled_idx: np.ndarray, out: Path, device: torch.device, *,
+                  x_pseudo: np.ndarray | None = None, y_pseudo: np.ndarray | None = None,
+                  learner: str | None = None, iterations: int | None = None, pseudo_fraction: float = 0.0,
+                  progress: bool = True) -> dict:
+    """Train the classifier into `out`, write classifier, pseudo-labels and metrics; return the metrics."""
+    s1 = cfg.stage1 if learner is None else replace(cfg.stage1, learner=learner)
+    x_lb, y_lb = ds.train_images[labeled_idx], ds.train_labels[labeled_idx]
+    model = train_classifier(
+        s1, x_lb=x_lb, y_lb=y_lb, x_ulb=ds.train_images, num_classes=ds.num_classes, hflip=cfg.data.hflip,
+        out_dir=out, device=device, precision=cfg.runtime.precision, seed=cfg.runtime.seed,
+        x_pseudo=x_pseudo, y_pseudo=y_pseudo, pseudo_fraction=pseudo_fraction, iterations=iterations,
+        progress=progress)
+    save_classifier(out / CLASSIFIER, model, {
+        "network": s1.network, "num_classes": ds.num_classes, "in_channels": ds.image_shape[2],
+        "image_size": ds.image_shape[0], "class_names": list(ds.class_names)})
+
+    # Every training image gets a label; labeled images keep their true one.
+    probs = predict(model, ds.train_images, batch_size=s1.predict_batch_size, device=device,
+                    precision=cfg.runtime.precision)
+    label, confidence = probs.argmax(1).astype(np.int64), probs.max(1).astype(np.float32)
+    is_labeled = np.zeros(len(label), dtype=bool)
+    is_labeled[labeled_idx] = True
+    label[is_labeled], confidence[is_labeled] = ds.train_labels[is_labeled], 1.0
+    save_npz(out / PSEUDO_LABELS, label=label, confidence=confidence, is_labeled=is_labeled)
+
+    metrics = label_metrics(label, confidence, is_labeled, ds)
+    if len(ds.test_images):
+        test_probs = predict(model, ds.test_images, batch_size=s1.predict_batch_size, device=device,
+                             precision=cfg.runtime.precision)
+        test_pred = test_probs.argmax(1)
+        metrics["test"] = {
+            "top1": top1(test_pred, ds.test_labels),
+            "per_class_accuracy": per_class_accuracy(test_pred, ds.test_labels, ds.num_classes),
+            "confusion": confusion_matrix(test_pred, ds.test_labels, ds.num_classes),
+            "num_images": int(len(ds.test_labels)),
+            "model": "final EMA (no selection on the test split)",
+        }
+    metrics["learner"] = s1.learner
+    metrics["network"] = s1.network
+    write_json(out / METRICS, metrics)
+    return metrics
+
+
+def label_metrics(label: np.ndarray, confidence: np.ndarray, is_labeled: np.ndarray, ds: Dataset) -> dict:
+    """Pseudo-label quality on the unlabeled pool (true labels used for diagnostics only)."""
+    pool = ~is_labeled
+    report = pseudo_label_report(label, ds.train_labels, pool, ds.num_classes)
+    report["mean_confidence"] = float(confidence[pool].mean()) if pool.any() else None
+    return {"pseudo_labels": report}
