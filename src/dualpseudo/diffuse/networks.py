@@ -101,7 +101,7 @@ class UNet(nn.Module):
     """F(x, c_noise, class_labels): (N, C, H, W) float, (N,) float, (N,) int64 in [0, num_classes] -> (N, C, H, W)."""
 
     def __init__(self, img_channels: int, image_size: int, num_classes: int, *, model_channels: int = 64,
-                 channel_mult: tuple[int, ...] = (1, 2, 2), num_blocks: int = 2, attn_levels: tuple[int, ...] = (-1,),
+                 channel_mult: tuple[int, ...] = (1, 2, 2), num_blocks: int = 2, attn_levels: tuple[int, ...] = (),
                  patch: int = 1, head_dim: int = 64, dropout: float = 0.0, emb_mult: int = 4,
                  channels_last: bool = False):
         super().__init__()

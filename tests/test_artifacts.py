@@ -1,0 +1,96 @@
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from dualpseudo import artifacts as A
+
+
+def test_npz_and_json_round_trip(tmp_path):
+    A.save_npz(tmp_path / "a.npz", x=np.arange(5), y=np.ones((2, 3), np.uint8))
+    z = A.load_npz(tmp_path / "a.npz", ("x", "y"))
+    assert z["x"].tolist() == [0, 1, 2, 3, 4] and z["y"].shape == (2, 3)
+    with pytest.raises(A.ArtifactError, match="lacks"):
+        A.load_npz(tmp_path / "a.npz", ("z",))
+    A.write_json(tmp_path / "m.json", {"a": np.float32(1.5), "b": np.arange(2)})
+    assert A.read_json(tmp_path / "m.json") == {"a": 1.5, "b": [0, 1]}
+
+
+def test_interrupted_write_leaves_old_file_and_no_temp(tmp_path):
+    path = tmp_path / "x.json"
+    A.write_json(path, {"v": 1})
+
+    def boom(f):
+        f.write(b'{"v": 2')
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        A.atomic_write(path, boom)
+    assert A.read_json(path) == {"v": 1}
+    assert os.listdir(tmp_path) == ["x.json"]
+
+
+def test_truncated_files_are_reported(tmp_path):
+    A.save_npz(tmp_path / "a.npz", x=np.arange(1000))
+    data = (tmp_path / "a.npz").read_bytes()
+    (tmp_path / "a.npz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(A.ArtifactError, match="unreadable"):
+        A.load_npz(tmp_path / "a.npz")
+    A.save_torch(tmp_path / "s.pt", {"w": torch.ones(100)})
+    data = (tmp_path / "s.pt").read_bytes()
+    (tmp_path / "s.pt").write_bytes(data[:100])
+    with pytest.raises(A.ArtifactError, match="cannot be loaded"):
+        A.load_torch(tmp_path / "s.pt")
+    (tmp_path / "m.json").write_text('{"a": ')
+    with pytest.raises(A.ArtifactError, match="not valid JSON"):
+        A.read_json(tmp_path / "m.json")
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_malicious_pickle_checkpoint_is_refused(tmp_path):
+    path = tmp_path / "state.pt"
+    torch.save({"model": torch.ones(2), "x": _Evil()}, path)
+    with pytest.raises(A.ArtifactError, match="cannot be loaded safely"):
+        A.load_torch(path)
+    path.write_bytes(pickle.dumps(_Evil()))
+    with pytest.raises(A.ArtifactError):
+        A.load_torch(path)
+
+
+def test_torch_round_trip_plain_data(tmp_path):
+    obj = {"w": torch.arange(3.0), "step": 7, "rng": torch.get_rng_state(), "cfg": {"a": [1, 2]}}
+    A.save_torch(tmp_path / "s.pt", obj)
+    back = A.load_torch(tmp_path / "s.pt")
+    assert back["step"] == 7 and torch.equal(back["w"], obj["w"]) and back["cfg"] == {"a": [1, 2]}
+
+
+def test_stage_status_round_trip_and_stale_hashes(tmp_path):
+    d = tmp_path / "stage1"
+    A.write_json(d / "out.json", {"x": 1})
+    assert A.stage_status(d, "cfg1", {"data": "fp"}) == (False, "not run yet")
+    A.write_manifest(d, "cfg1", {"data": "fp"}, ["out.json"])
+    assert A.stage_status(d, "cfg1", {"data": "fp"}) == (True, "done")
+    assert A.stage_status(d, "cfg2", {"data": "fp"})[1] == "its config changed"
+    assert A.stage_status(d, "cfg1", {"data": "other"})[1] == "its inputs changed"
+    A.write_json(d / "out.json", {"x": 2})
+    assert "changed since" in A.stage_status(d, "cfg1", {"data": "fp"})[1]
+    (d / "out.json").unlink()
+    assert "missing" in A.stage_status(d, "cfg1", {"data": "fp"})[1]
+    (d / "manifest.json").write_text("{trunc")
+    assert A.stage_status(d, "cfg1", {"data": "fp"}) == (False, "not run yet")
+
+
+def test_reset_if_stale_drops_state_only_on_key_change(tmp_path):
+    (tmp_path / "state.pt").write_bytes(b"x")
+    assert A.reset_if_stale(tmp_path, {"k": 1}, ("state.pt",)) is True   # unknown key: state not trusted
+    (tmp_path / "state.pt").write_bytes(b"x")
+    assert A.reset_if_stale(tmp_path, {"k": 1}, ("state.pt",)) is False
+    assert (tmp_path / "state.pt").exists()
+    assert A.reset_if_stale(tmp_path, {"k": 2}, ("state.pt",)) is True
+    assert not (tmp_path / "state.pt").exists()

@@ -1,0 +1,60 @@
+import pytest
+
+from dualpseudo.config import ConfigError, ExperimentConfig, config_hash, load_config, to_yaml
+
+
+def test_defaults_and_yaml_round_trip(tmp_path):
+    cfg = load_config("configs/fashion_mnist.yaml")
+    assert cfg.data.name == "fashion_mnist" and cfg.stage1.learner == "freematch"
+    path = tmp_path / "c.yaml"
+    path.write_text(to_yaml(cfg))
+    assert load_config(path) == cfg
+    assert config_hash(cfg) == config_hash(load_config(path))
+
+
+def test_override_sets_nested_value_with_yaml_types():
+    cfg = load_config(None, ["stage1.iterations=17", "stage2.guidance_scale=2", "data.labeled_indices=null"])
+    assert cfg.stage1.iterations == 17
+    assert cfg.stage2.guidance_scale == 2.0 and isinstance(cfg.stage2.guidance_scale, float)
+    assert cfg.data.labeled_indices is None
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("data.no_such_key=1", "no_such_key"),
+    ("nosection.x=1", "nosection"),
+    ("stage1.iterations=abc", "stage1.iterations"),
+    ("stage1.iterations=1.5", "stage1.iterations"),
+    ("stage1.learner=meanteacher", "stage1.learner"),
+    ("data.labels_per_class=0", "data.labels_per_class"),
+    ("stage2.p_uncond=1.5", "stage2.p_uncond"),
+    ("runtime.precision=int8", "runtime.precision"),
+    ("stage1.iterations", "key.sub=value"),
+])
+def test_bad_values_name_the_key(override, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_config(None, [override])
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    bad.write_text("data: 3\n")
+    with pytest.raises(ConfigError, match="data"):
+        load_config(bad)
+
+
+def test_config_is_frozen():
+    cfg = ExperimentConfig()
+    with pytest.raises(Exception):
+        cfg.stage1.iterations = 3
+
+
+def test_hash_exclude():
+    a = load_config(None, ["stage2.steps=10"]).stage2
+    b = load_config(None, ["stage2.steps=30"]).stage2
+    assert config_hash(a) != config_hash(b)
+    assert config_hash(a, exclude=("steps",)) == config_hash(b, exclude=("steps",))
