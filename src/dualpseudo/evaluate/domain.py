@@ -3,7 +3,8 @@ distance. Inception features of 28 px grey images upsampled to 299 px say little
 features of an in-domain classifier (the oracle, trained elsewhere) complement FID.
 
 Protocol (kept generic, no import of `classify/`): a classifier network exposes
-    features(x) -> (N, D)    penultimate features of a float batch x (N, C, H, W)
+    features(x) -> (N, D)    penultimate features of a float batch x (N, C, H, W); a spatial map
+                             (N, D, h, w) is accepted and global-average-pooled to (N, D)
     head                     the module mapping features to logits, head(features(x)) == model(x)
 Only `features` is used here. How uint8 images become the network's input is the classifier's business, so
 the caller passes its `preprocess`; the default maps uint8 (N, H, W, C) to float (N, C, H, W) in [-1, 1].
@@ -33,8 +34,10 @@ class DomainFeatures(torch.nn.Module):
         self.preprocess = preprocess
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        feats = self.model.features(self.preprocess(images))               # (N, D)
-        return feats.flatten(1).float()
+        feats = self.model.features(self.preprocess(images))               # (N, D) or (N, D, h, w)
+        if feats.ndim > 2:
+            feats = feats.mean(dim=tuple(range(2, feats.ndim)))             # global average pool -> (N, D)
+        return feats.float()
 
 
 def domain_feature_fn(model: torch.nn.Module,

@@ -25,6 +25,7 @@ Preprocessing, chosen to reproduce what the TF graph does to a uint8 image (its 
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from pathlib import Path
 
 import torch
@@ -73,7 +74,9 @@ def resolve_inception_path(path: str | Path | None = None) -> Path:
 def load_inception(path: str | Path | None = None) -> torch.jit.ScriptModule:
     """Load the pool3 network on CPU in eval mode: (N, 3, 299, 299) float in [-1, 1] -> (N, 2048)."""
     path = resolve_inception_path(path)
-    net = torch.jit.load(str(path), map_location="cpu")
+    with warnings.catch_warnings():      # torch >= 2.10 deprecates jit.load; the file only exists as TorchScript
+        warnings.simplefilter("ignore", DeprecationWarning)
+        net = torch.jit.load(str(path), map_location="cpu")
     return net.eval()
 
 

@@ -1,0 +1,111 @@
+"""Classifier training: resume equivalence, learning a separable problem, stats, save/load, non-finite loss."""
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from dualpseudo.artifacts import load_torch
+from dualpseudo.classify import train as T
+from dualpseudo.classify.networks import NETWORKS
+from dualpseudo.config import Stage1Config
+
+
+def _data(n_per_class=24, size=16, seed=0):
+    """Two classes: bright top half vs bright bottom half, with noise; uint8 (N, H, W, 1)."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 60, size=(2 * n_per_class, size, size, 1))
+    x[:n_per_class, : size // 2] += 180
+    x[n_per_class:, size // 2:] += 180
+    y = np.repeat([0, 1], n_per_class)
+    return x.clip(0, 255).astype(np.uint8), y
+
+
+def _cfg(**kw):
+    base = dict(learner="freematch", network="cnn_small", iterations=8, batch_size=8, uratio=2, lr=0.03,
+                checkpoint_every=4, log_every=2, ema_decay=0.9)
+    return dataclasses.replace(Stage1Config(), **{**base, **kw})
+
+
+def _run(cfg, out_dir, precision="fp32", **kw):
+    x, y = _data()
+    args = dict(x_lb=x[::6], y_lb=y[::6], x_ulb=x, num_classes=2, hflip=False, out_dir=out_dir, device="cpu",
+                precision=precision, seed=1, progress=False)
+    return T.train_classifier(cfg, **{**args, **kw})
+
+
+@pytest.mark.parametrize("learner", ["freematch", "fixmatch"])
+def test_resume_equals_straight_run(tmp_path, learner):
+    cfg = _cfg(learner=learner, p_cutoff=0.5)
+    straight = _run(cfg, tmp_path / "a")
+    half = _run(cfg, tmp_path / "b", stop_at=4)
+    assert load_torch(tmp_path / "b" / "state.pt")["step"] == 4
+    resumed = _run(cfg, tmp_path / "b")
+    for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)
+    sa, sb = load_torch(tmp_path / "a" / "state.pt"), load_torch(tmp_path / "b" / "state.pt")
+    if learner == "freematch":
+        torch.testing.assert_close(sa["threshold"]["p_model"], sb["threshold"]["p_model"])
+    steps = [json.loads(l)["step"] for l in (tmp_path / "b" / "stats.jsonl").read_text().splitlines()]
+    assert steps == [2, 4, 6, 8]
+
+
+def test_state_is_weights_only_and_rejects_other_config(tmp_path):
+    _run(_cfg(iterations=2), tmp_path)
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    assert {"step", "model", "ema", "optimizer", "threshold", "rng"} <= set(state)
+    with pytest.raises(Exception, match="different stage-1 config"):
+        _run(_cfg(iterations=2, lr=0.1), tmp_path)
+
+
+def test_learns_separable_problem_and_writes_stats(tmp_path):
+    cfg = _cfg(iterations=40, log_every=10, checkpoint_every=100, ema_decay=0.8, lr=0.05)
+    model = _run(cfg, tmp_path, precision="bf16")
+    x_test, y_test = _data(n_per_class=50, seed=1)
+    probs = T.predict(model, x_test, batch_size=32, device="cpu", precision="fp32")
+    assert probs.shape == (100, 2) and probs.dtype == np.float32
+    np.testing.assert_allclose(probs.sum(1), 1, atol=1e-5)
+    assert (probs.argmax(1) == y_test).mean() >= 0.95
+    lines = [json.loads(l) for l in (tmp_path / "stats.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines] == [10, 20, 30, 40]
+    assert {"loss_x", "loss_u", "mask", "lr", "threshold", "time"} <= set(lines[0])
+    assert 0 <= lines[-1]["mask"] <= 1 and 0 < lines[-1]["threshold"] < 1
+
+
+def test_supervised_and_pseudo_mix(tmp_path):
+    x, y = _data()
+    model = _run(_cfg(learner="supervised", iterations=3), tmp_path / "s", x_ulb=None)
+    assert not model.training
+    _run(_cfg(iterations=3, uratio=1), tmp_path / "p", x_pseudo=x[1::2], y_pseudo=y[1::2], pseudo_fraction=0.5)
+    assert (tmp_path / "p" / "state.pt").is_file()
+    _run(_cfg(iterations=2, uratio=1), tmp_path / "q", x_pseudo=x, y_pseudo=y, pseudo_fraction=1.0)
+
+
+def test_classifier_save_load_round_trip(tmp_path):
+    model = NETWORKS["cnn_small"](3, 1, 16).to(memory_format=torch.channels_last).eval()
+    meta = {"network": "cnn_small", "num_classes": 3, "in_channels": 1, "image_size": 16, "learner": "fixmatch"}
+    T.save_classifier(tmp_path / "classifier.safetensors", model, meta)
+    loaded, meta2 = T.load_classifier(tmp_path / "classifier.safetensors")
+    assert meta2 == meta
+    x = np.random.default_rng(0).integers(0, 256, (5, 16, 16, 1), dtype=np.uint8)
+    a = T.predict(model, x, batch_size=2, device="cpu", precision="fp32")
+    np.testing.assert_array_equal(a, T.predict(loaded, x, batch_size=2, device="cpu", precision="fp32"))
+    with pytest.raises(ValueError, match="meta lacks"):
+        T.save_classifier(tmp_path / "bad.safetensors", model, {"network": "cnn_small"})
+
+
+def test_non_finite_loss_keeps_last_good_state(tmp_path):
+    cfg = _cfg(iterations=6, checkpoint_every=2)
+    _run(cfg, tmp_path, stop_at=2)
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        _run(dataclasses.replace(cfg, lr=1e30), tmp_path / "diverges")
+    # a NaN-producing resume of the same run: poison the weights, then the state on disk must stay intact
+    state = load_torch(tmp_path / "state.pt")
+    state["model"] = {k: (v * float("nan") if v.is_floating_point() else v) for k, v in state["model"].items()}
+    torch.save(state, tmp_path / "poisoned.pt")
+    (tmp_path / "state.pt").write_bytes((tmp_path / "poisoned.pt").read_bytes())
+    with pytest.raises(FloatingPointError, match="last good state"):
+        _run(cfg, tmp_path)
+    assert load_torch(tmp_path / "state.pt")["step"] == 2
+    assert (tmp_path / "state.pt").read_bytes() == (tmp_path / "poisoned.pt").read_bytes()
