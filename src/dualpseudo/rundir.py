@@ -39,8 +39,3 @@ class RunDir:
     @property
     def report_md(self) -> Path:
         return self.root / "report.md"
-
-    @property
-    def cache(self) -> Path:
-        """Caches shared by the runs beside this one (FID reference statistics, the evaluation oracle)."""
-        return self.root.parent / ".cache"

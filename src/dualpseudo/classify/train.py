@@ -229,7 +229,8 @@ def train_classifier(cfg: Stage1Config, *, x_lb: np.ndarray, y_lb: np.ndarray, x
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        _ema_update(ema, model, cfg.ema_decay)
+        # EMA warm-up (as TF's ExponentialMovingAverage with num_updates): short runs still average late weights
+        _ema_update(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
         step += 1
         bar.update(1)
         window.append(torch.stack([loss_x.detach(), loss_u.detach(), loss_f.detach(), mask]))

@@ -146,8 +146,11 @@ def build_steps(cfg: ExperimentConfig, run: RunDir, ds: Dataset, stages: tuple[s
         if last >= 3:
             def evaluation(d2=d2, de=de):
                 from .evaluation import run_evaluation
-                m = run_evaluation(cfg, ds, d2 / PSEUDO_IMAGES, de, run.cache, device)
-                return ["metrics.json"], {k: m.get(k) for k in ("fid", "class_consistency") if k in m}
+                m = run_evaluation(cfg, ds, d2 / PSEUDO_IMAGES, de, device)
+                return ["metrics.json"], {"fid": m.get("fid", {}).get("fid"),
+                                          "class_consistency": m["class_consistency"]["accuracy"],
+                                          "precision": m["precision_recall"]["precision"],
+                                          "recall": m["precision_recall"]["recall"]}
 
             steps.append(Step(f"{tag}evaluation", de, config_hash({"evaluation": cfg.evaluation}),
                               lambda d2=d2: {"pseudo_images": _hash_or_missing(d2 / PSEUDO_IMAGES)}, evaluation,
@@ -227,7 +230,8 @@ def main(config_path: str, overrides: list[str], run_root: Path, stages: tuple[s
 def sample_grid(run_root: Path, *, per_class: int, out: str | None, guidance_scale: float | None,
                 steps: int | None, sampler: str | None, seed: int, round: int = 1) -> int:
     """`dualpseudo sample`: a grid with one row per class from a run's diffusion model."""
-    from ..diffuse.train import generate, load_diffusion
+    from ..diffuse.generate import generate
+    from ..diffuse.train import load_diffusion
     from ..report import save_grid
 
     run = RunDir(run_root)

@@ -14,7 +14,8 @@ import torch
 from ..artifacts import array_hash, load_npz, reset_if_stale, save_npz
 from ..config import ExperimentConfig, config_hash
 from ..data.datasets import Dataset
-from ..diffuse.train import generate_chunks, load_diffusion, save_diffusion, train_diffusion
+from ..diffuse.generate import generate_chunks
+from ..diffuse.train import load_diffusion, save_diffusion, train_diffusion
 from ..report import save_grid
 
 DIFFUSION = "diffusion.safetensors"

@@ -1,0 +1,140 @@
+"""End-to-end: the smoke config through all three stages, reuse, resume and the CLI's errors."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dualpseudo.artifacts import load_npz, load_torch, read_json
+from dualpseudo.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = str(ROOT / "configs" / "smoke.yaml")
+
+
+def run_cli(*args: str) -> int:
+    return main(list(args))
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    base = tmp_path_factory.mktemp("smoke")
+    run = base / "run"
+    assert run_cli("run", SMOKE, "--run-dir", str(run), "--set", f"evaluation.cache_dir={base / 'cache'}") == 0
+    return run, base
+
+
+def test_smoke_run_writes_every_artifact(smoke_run):
+    run, _ = smoke_run
+    for f in ["config.yaml", "env.json", "report.html", "report.md",
+              "stage1/split.json", "stage1/classifier.safetensors", "stage1/pseudo_labels.npz", "stage1/metrics.json",
+              "stage1/state.pt", "stage1/stats.jsonl", "stage1/manifest.json",
+              "stage2/diffusion.safetensors", "stage2/state.pt", "stage2/pseudo_images.npz", "stage2/grid.png",
+              "stage2/stats.jsonl", "stage2/manifest.json",
+              "stage3/classifier.safetensors", "stage3/metrics.json", "stage3/manifest.json",
+              "evaluation/metrics.json"]:
+        assert (run / f).is_file(), f
+    split = read_json(run / "stage1/split.json")
+    assert split["num_labeled"] == 8 and all(len(v) == 2 for v in split["per_class"].values())
+    pl = load_npz(run / "stage1/pseudo_labels.npz", ("label", "confidence", "is_labeled"))
+    assert pl["label"].shape == (192,) and pl["is_labeled"].sum() == 8
+    assert np.all(pl["confidence"][pl["is_labeled"]] == 1.0)
+    m1 = read_json(run / "stage1/metrics.json")
+    assert m1["test"]["top1"] > 0.5, "the smoke classifier must beat chance (0.25) on the easy synthetic classes"
+    assert 0 <= m1["pseudo_labels"]["accuracy"] <= 1
+    gen = load_npz(run / "stage2/pseudo_images.npz", ("images", "labels", "seeds"))
+    assert gen["images"].shape == (32, 16, 16, 1) and gen["images"].dtype == np.uint8
+    assert np.bincount(gen["labels"]).tolist() == [8] * 4
+    m3 = read_json(run / "stage3/metrics.json")
+    assert m3["delta_top1"] == pytest.approx(m3["test"]["top1"] - m1["test"]["top1"])
+    ev = read_json(run / "evaluation/metrics.json")
+    assert 0 <= ev["class_consistency"]["accuracy"] <= 1 and "precision_recall" in ev
+    html = (run / "report.html").read_text()
+    assert "data:image/png;base64" in html
+    state = load_torch(run / "stage1/state.pt")          # weights_only load
+    assert state["step"] == 40
+
+
+def test_rerun_reuses_everything(smoke_run, capsys):
+    run, base = smoke_run
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*.safetensors")}
+    assert run_cli("run", SMOKE, "--run-dir", str(run), "--set", f"evaluation.cache_dir={base / 'cache'}") == 0
+    out = capsys.readouterr().out
+    assert out.count("reused") == 4
+    assert before == {p: p.stat().st_mtime_ns for p in run.rglob("*.safetensors")}
+
+
+def test_stage2_change_keeps_stage1_and_reruns_2_and_3(smoke_run, tmp_path, capsys):
+    run, base = smoke_run
+    import shutil
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    s1 = (copy / "stage1/classifier.safetensors").stat().st_mtime_ns
+    args = ["run", SMOKE, "--run-dir", str(copy), "--set", f"evaluation.cache_dir={base / 'cache'}",
+            "--set", "stage2.p_uncond=0.2"]
+    assert run_cli(*args) == 2                             # a different config needs --force
+    assert "made by a different config (changed: stage2.p_uncond)" in capsys.readouterr().err
+    assert run_cli(*args, "--dry-run", "--force") == 0
+    plan = capsys.readouterr().out
+    assert "stage1                 reuse" in plan and "stage2                 run (its config changed)" in plan
+    assert "stage3                 run" in plan
+    assert run_cli(*args, "--force") == 0
+    out = capsys.readouterr().out
+    assert "[stage1] reused" in out and "[stage2] running" in out and "[stage3] running" in out
+    assert (copy / "stage1/classifier.safetensors").stat().st_mtime_ns == s1
+
+
+def test_interrupted_stage2_resumes(tmp_path):
+    """Kill the run while stage 2 trains, rerun the same command: it resumes from state.pt and finishes."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "dualpseudo", "run", SMOKE, "--run-dir", str(run),
+           "--set", f"evaluation.cache_dir={tmp_path / 'cache'}", "--set", "stage2.duration_kimg=3",
+           "--set", "evaluation.oracle_iterations=10"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    import time
+    deadline = time.time() + 240
+    while time.time() < deadline and not (run / "stage2" / "state.pt").is_file():
+        time.sleep(0.2)
+    proc.kill()
+    proc.wait()
+    assert (run / "stage2" / "state.pt").is_file(), "stage 2 never checkpointed"
+    assert not (run / "stage2" / "manifest.json").exists()
+    nimg_at_kill = load_torch(run / "stage2" / "state.pt")["nimg"]
+    assert 0 < nimg_at_kill < 3000
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "[stage1] reused" in done.stdout
+    assert (run / "stage3" / "manifest.json").is_file()
+    lines = [json.loads(l) for l in (run / "stage2" / "stats.jsonl").read_text().splitlines()]
+    kimgs = [l["kimg"] for l in lines]
+    assert kimgs == sorted(kimgs) and len(set(kimgs)) == len(kimgs), "resumed curve has no repeats"
+
+
+def test_dry_run_prints_config_and_plan(tmp_path, capsys):
+    assert run_cli("run", "configs/fashion_mnist.yaml", "--run-dir", str(tmp_path / "r"), "--dry-run") == 0
+    out = capsys.readouterr().out
+    assert "labels_per_class: 4" in out and "plan for" in out and "stage1" in out and "evaluation" in out
+    assert not (tmp_path / "r").exists()
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    assert run_cli("run", SMOKE, "--run-dir", str(tmp_path / "r"), "--set", "data.no_such_key=1") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown config key 'data.no_such_key'") and err.count("\n") == 1
+    assert run_cli("run", SMOKE, "--run-dir", str(tmp_path / "r"), "--set", "data.labels_per_class=100") == 2
+    assert "fewer than labels_per_class=100" in capsys.readouterr().err
+    assert run_cli("run", SMOKE, "--run-dir", str(tmp_path / "r"), "--set", "data.name=mnist",
+                   "--set", f"data.root={tmp_path}") == 2
+    assert "missing" in capsys.readouterr().err
+    assert run_cli("sample", "--run-dir", str(tmp_path / "nothing")) == 2
+    assert "not a run directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cmd", ["run", "stage1", "stage2", "stage3", "sample", "eval", "report"])
+def test_help_has_examples(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([cmd, "--help"])
+    assert e.value.code == 0
+    assert "examples:" in capsys.readouterr().out
