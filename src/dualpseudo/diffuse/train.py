@@ -1,0 +1,186 @@
+"""Training loop of the class-conditional EDM diffusion model (stage 2), after NVlabs/edm `training_loop.py`.
+
+Schedules count images seen (kimg): Adam with a linear learning-rate warm-up over `warmup_kimg`, an EMA
+of the weights with a half-life of `ema_halflife_kimg` (beta = 0.5 ** (batch / (1000 * halflife))), bf16
+autocast, global gradient-norm clipping and a guard that stops on a non-finite loss. Two kinds of checkpoint:
+`state.pt` (everything needed to resume bit-exactly: net, EMA, optimizer, images seen, RNG states as
+tensors; loadable with weights_only=True) and the inference snapshot written by `save_diffusion`
+(safetensors weights of the EMA + JSON meta). Calling `train_diffusion` again with the same `out_dir` resumes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import safetensors.torch
+import torch
+from torch import nn
+
+from ..artifacts import ArtifactError, load_torch, save_torch, write_bytes, write_text
+from ..config import Stage2Config, config_hash
+from ..runtime import autocast
+from .edm import EDMLoss, EDMPrecond
+from .networks import NETWORKS
+
+# Stage2Config fields that may change between a run and its resumption (they do not alter the trajectory).
+_RESUMABLE_CHANGES = ("duration_kimg", "checkpoint_every_kimg", "log_every_kimg", "images_per_class", "sampler",
+                      "steps", "guidance_scale", "sample_batch_size", "sample_seed", "sample_chunk")
+
+
+def build_model(network: str, img_channels: int, image_size: int, num_classes: int, sigma_data: float) -> EDMPrecond:
+    """EDMPrecond around `NETWORKS[network]`."""
+    if network not in NETWORKS:
+        raise ValueError(f"stage2.network={network!r} is unknown; choose one of {sorted(NETWORKS)}")
+    return EDMPrecond(NETWORKS[network](img_channels, image_size, num_classes), sigma_data)
+
+
+def _training_hash(cfg: Stage2Config, **extra) -> str:
+    fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _RESUMABLE_CHANGES}
+    return config_hash({**fields, **extra})
+
+
+def _batch(images: torch.Tensor, labels: torch.Tensor, batch_size: int, hflip: bool, gen: torch.Generator,
+           device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random batch: uint8 (N, H, W, C) -> float (B, C, H, W) in [-1, 1] channels_last, labels (B,)."""
+    idx = torch.randint(len(images), (batch_size,), generator=gen)
+    x = images[idx].to(device).permute(0, 3, 1, 2).float() / 127.5 - 1                # (B, C, H, W)
+    if hflip:
+        flip = (torch.rand(batch_size, generator=gen) < 0.5).to(device)
+        x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    return x.contiguous(memory_format=torch.channels_last), labels[idx].to(device)
+
+
+def train_diffusion(cfg: Stage2Config, *, images: np.ndarray, labels: np.ndarray, num_classes: int,
+                    out_dir: str | Path, device: torch.device | str = "cpu", precision: str = "fp32",
+                    seed: int = 0, hflip: bool = False, progress: bool = True) -> EDMPrecond:
+    """Train (or resume, or just load when finished) and return the EMA EDMPrecond in eval mode.
+
+    images: uint8 (N, H, W, C); labels: int64 (N,) in [0, num_classes], num_classes = null (unconditional).
+    """
+    out_dir, device = Path(out_dir), torch.device(device)
+    if images.ndim != 4 or images.dtype != np.uint8 or images.shape[1] != images.shape[2]:
+        raise ValueError(f"images must be uint8 (N, H, W, C) with H == W, got {images.dtype} {images.shape}")
+    labels = np.asarray(labels, dtype=np.int64)
+    if len(labels) != len(images) or labels.min() < 0 or labels.max() > num_classes:
+        raise ValueError(f"labels must be (N,) = ({len(images)},) in [0, {num_classes}] ({num_classes} = null class)")
+    N, S, _, C = images.shape
+
+    # model, EMA, optimizer, loss, data, RNG
+    torch.manual_seed(seed)
+    net = build_model(cfg.network, C, S, num_classes, cfg.sigma_data).to(device).train()
+    ema = build_model(cfg.network, C, S, num_classes, cfg.sigma_data).to(device).eval().requires_grad_(False)
+    ema.load_state_dict(net.state_dict())
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+    loss_fn = EDMLoss(cfg.P_mean, cfg.P_std, cfg.sigma_data, cfg.p_uncond)
+    data_x, data_y = torch.from_numpy(images), torch.from_numpy(labels)
+    gen = torch.Generator().manual_seed(seed)                                           # batches (CPU)
+    noise_gen = torch.Generator(device=device).manual_seed(seed + 1)                    # sigma, noise, dropout
+    train_hash = _training_hash(cfg, seed=seed, hflip=hflip, N=N, S=S, C=C, num_classes=num_classes,
+                                precision=precision, data=int(images[:, ::4, ::4].sum()), labels=int(labels.sum()))
+    nimg, stats = 0, []
+
+    # resume
+    state_path = out_dir / "state.pt"
+    if state_path.is_file():
+        state = load_torch(state_path, map_location=device)
+        if state.get("train_hash") != train_hash:
+            raise ArtifactError(f"{state_path} was written by a different stage-2 config or dataset; "
+                                f"delete {out_dir} to train from scratch")
+        net.load_state_dict(state["net"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["optimizer"])
+        nimg = int(state["nimg"])
+        gen.set_state(state["gen_state"])
+        noise_gen.set_state(state["noise_gen_state"])
+        torch.set_rng_state(state["torch_rng_state"])
+        stats = [json.loads(line) for line in state["stats"]]
+
+    def save_state() -> None:
+        save_torch(state_path, {"net": net.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+                                "nimg": nimg, "gen_state": gen.get_state(), "noise_gen_state": noise_gen.get_state(),
+                                "torch_rng_state": torch.get_rng_state(), "train_hash": train_hash,
+                                "stats": [json.dumps(s) for s in stats]})
+        write_text(out_dir / "stats.jsonl", "".join(json.dumps(s) + "\n" for s in stats))
+
+    total = int(round(cfg.duration_kimg * 1000))
+    ema_beta = 0.5 ** (cfg.batch_size / max(cfg.ema_halflife_kimg * 1000, 1e-8))
+    next_log = (nimg // int(cfg.log_every_kimg * 1000) + 1) * int(cfg.log_every_kimg * 1000)
+    next_ckpt = (nimg // int(cfg.checkpoint_every_kimg * 1000) + 1) * int(cfg.checkpoint_every_kimg * 1000)
+    bar = None
+    if progress and nimg < total:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=total, initial=nimg, unit="img", unit_scale=True, desc="stage2 diffusion", smoothing=0.05)
+    t_log, n_log, loss_sum, loss_n = time.perf_counter(), nimg, 0.0, 0
+
+    while nimg < total:
+        # one optimisation step
+        x, y = _batch(data_x, data_y, cfg.batch_size, hflip, gen, device)
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * min(nimg / max(cfg.warmup_kimg * 1000, 1e-8), 1.0)
+        with autocast(device, precision):
+            loss = loss_fn(net, x, y, generator=noise_gen).mean()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"stage 2: non-finite loss {loss.item()} at {nimg / 1000:.1f} kimg; the last "
+                                     f"good state is {state_path}. Lower stage2.lr or use runtime.precision=fp32")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+        opt.step()
+        nimg += cfg.batch_size
+
+        # EMA with a half-life counted in images
+        with torch.no_grad():
+            torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - ema_beta)
+            for b_ema, b in zip(ema.buffers(), net.buffers()):
+                b_ema.copy_(b)
+        loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
+        if bar is not None:
+            bar.update(cfg.batch_size)
+            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+
+        # log and checkpoint
+        if nimg >= next_log or nimg >= total:
+            dt = time.perf_counter() - t_log
+            stats.append({"kimg": nimg / 1000, "loss": loss_sum / loss_n, "lr": opt.param_groups[0]["lr"],
+                          "img_per_s": (nimg - n_log) / max(dt, 1e-9), "time": time.time()})
+            t_log, n_log, loss_sum, loss_n = time.perf_counter(), nimg, 0.0, 0
+            next_log += int(cfg.log_every_kimg * 1000)
+            if bar is not None:
+                bar.set_postfix(loss=f"{stats[-1]['loss']:.4f}", img_s=f"{stats[-1]['img_per_s']:.0f}")
+        if nimg >= next_ckpt or nimg >= total:
+            save_state()
+            next_ckpt += int(cfg.checkpoint_every_kimg * 1000)
+    if bar is not None:
+        bar.close()
+    return ema.eval()
+
+
+def save_diffusion(path: str | Path, ema: EDMPrecond, meta: dict) -> Path:
+    """Write the inference snapshot: EMA weights as safetensors with JSON meta (network, sizes, sigma_data...)."""
+    required = ("network", "img_channels", "image_size", "num_classes", "sigma_data")
+    missing = [k for k in required if k not in meta]
+    if missing:
+        raise ValueError(f"save_diffusion: meta lacks {missing}")
+    tensors = {k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()}
+    blob = safetensors.torch.save(tensors, metadata={"dualpseudo": json.dumps(meta)})
+    return write_bytes(path, blob)
+
+
+def load_diffusion(path: str | Path, device: torch.device | str = "cpu") -> tuple[EDMPrecond, dict]:
+    """Read a snapshot written by `save_diffusion` -> (EDMPrecond in eval mode, meta)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path} does not exist")
+    try:
+        with safetensors.safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = json.loads(f.metadata()["dualpseudo"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise ArtifactError(f"{path} is not a diffusion snapshot ({type(e).__name__}: {e}); delete it to rebuild") from None
+    net = build_model(meta["network"], meta["img_channels"], meta["image_size"], meta["num_classes"], meta["sigma_data"])
+    net.load_state_dict(tensors)
+    return net.to(device).eval().requires_grad_(False), meta
