@@ -21,6 +21,8 @@ import numpy as np
 import torch
 
 SCHEMA_VERSION = 1
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 class ArtifactError(RuntimeError):
@@ -33,6 +35,7 @@ def atomic_write(path: str | Path, write: Callable[[io.BufferedWriter], None]) -
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)                  # mkstemp makes 0600; artifacts are ordinary files
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

@@ -1,7 +1,12 @@
 """Pictures and the run report: sample grids, training curves, confusion matrices, report.html and report.md."""
 from __future__ import annotations
 
+import base64
+import html
 import io
+import json
+import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -35,3 +40,457 @@ def save_grid(path: str | Path, images: np.ndarray, rows: int, row_names: list[s
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return atomic_write(path, lambda f: f.write(buf.getvalue()))
+
+
+# ------------------------------------------------------------------------------------------------ the run report
+# A report is a list of blocks rendered twice: HTML (figures embedded as base64, no external resources) and
+# Markdown (figures written under `figures/`). Every input is optional, so a partial run reports what exists.
+Block = tuple  # ("h", level, text) | ("p" | "note" | "pre", text) | ("table", header, rows)
+#                | ("img", name, png, caption) | ("gallery", [(name, png, caption), ...])
+STAGES = ("stage1", "stage2", "stage3", "evaluation")
+NA = "—"
+
+
+def write_report(run) -> Path:
+    """Write `report.html` (self-contained) and `report.md` (+ `figures/*.png`) for a run; return the HTML path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from .artifacts import write_bytes, write_text
+
+    rounds = _rounds(run)
+    cfg_text, cfg = _config(run)
+    s1 = _json(run.stage1 / "metrics.json")
+    names = _class_names(_get(cfg, "data", "name"), _num_classes(run, rounds, s1))
+    blocks: list[Block] = [("h", 1, f"DPT run report: {run.root.name}")]
+    blocks += _headline(run, rounds, cfg, s1)
+    blocks += _grid_section(run, rounds)
+    blocks += _curves_section(run, rounds)
+    blocks += _per_class_section(run, rounds, s1, names)
+    blocks += _config_section(run, cfg_text)
+
+    html_path = write_text(run.report_html, _to_html(blocks, run.root.name))
+    md, figures = _to_markdown(blocks, run)
+    for name, png in figures.items():
+        write_bytes(run.figures / name, png)
+    write_text(run.report_md, md)
+    return html_path
+
+
+# ---------------------------------------------------------------------------------------------------- reading
+def _json(path: Path) -> dict:
+    """A JSON object, or {} when the file is missing, unreadable or not an object."""
+    from .artifacts import ArtifactError, read_json
+
+    try:
+        obj = read_json(path)
+    except ArtifactError:
+        return {}
+    return obj if isinstance(obj, dict) else {}
+
+
+def _get(d, *keys, default=None):
+    """d[k1][k2]... or `default` when any level is missing or not a dict."""
+    for k in keys:
+        if not isinstance(d, dict) or k not in d:
+            return default
+        d = d[k]
+    return d
+
+
+def _config(run) -> tuple[str | None, dict]:
+    try:
+        text = run.config.read_text()
+    except (OSError, UnicodeDecodeError):
+        return None, {}
+    try:
+        import yaml
+
+        cfg = yaml.safe_load(text)
+    except Exception:  # a broken config still shows as text
+        cfg = None
+    return text, cfg if isinstance(cfg, dict) else {}
+
+
+def _rounds(run) -> list[int]:
+    found = {1}
+    for p in run.root.glob("round*"):
+        if p.is_dir() and p.name[5:].isdigit():
+            found.add(int(p.name[5:]))
+    return sorted(found)
+
+
+def _num_classes(run, rounds, s1) -> int | None:
+    candidates = [_get(s1, "pseudo_labels", "per_class_recall"), _get(s1, "test", "per_class_accuracy")]
+    candidates += [_get(_json(run.stage("evaluation", r) / "metrics.json"), "class_consistency", "per_class_accuracy")
+                   for r in rounds]
+    return next((len(c) for c in candidates if isinstance(c, list) and c), None)
+
+
+def _class_names(dataset: str | None, num_classes: int | None) -> list[str]:
+    from .data.datasets import CIFAR10_CLASSES, FASHION_MNIST_CLASSES
+
+    known = {"fashion_mnist": FASHION_MNIST_CLASSES, "cifar10": CIFAR10_CLASSES}.get(str(dataset))
+    if known and (num_classes is None or num_classes == len(known)):
+        return list(known)
+    return [str(i) for i in range(num_classes or 0)]
+
+
+def _stats(path: Path) -> list[dict]:
+    """Rows of a stats.jsonl; unreadable lines (e.g. a half-written last line) are skipped."""
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return []
+    rows = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------- formatting
+def _num(x) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
+
+
+def _pct(x) -> str:
+    return NA if _num(x) is None else f"{100 * x:.2f}%"
+
+
+def _pp(x) -> str:
+    return NA if _num(x) is None else f"{100 * x:+.2f} pp"
+
+
+def _f(x, digits: int = 3) -> str:
+    return NA if _num(x) is None else f"{x:.{digits}f}"
+
+
+def _secs(x) -> str:
+    x = _num(x)
+    if x is None:
+        return "not run yet"
+    return f"{x:.1f} s" if x < 120 else f"{x / 60:.1f} min" if x < 7200 else f"{x / 3600:.2f} h"
+
+
+def _fid(ev: dict) -> str:
+    fid = ev.get("fid") if isinstance(ev.get("fid"), dict) else {"fid": ev.get("fid")}
+    if _num(fid.get("fid")) is None:
+        return "not measured" if ev else NA
+    setting = lambda k: fid.get(k, ev.get(k))  # noqa: E731
+    parts = [f"{setting('num_samples')} samples" if setting("num_samples") is not None else None,
+             f"vs {fid['num_reference']} real" if fid.get("num_reference") is not None else None,
+             str(setting("sampler")) if setting("sampler") is not None else None,
+             f"{setting('steps')} steps" if setting("steps") is not None else None,
+             f"guidance {setting('guidance_scale')}" if setting("guidance_scale") is not None else None]
+    details = ", ".join(p for p in parts if p)
+    return f"{fid['fid']:.2f}" + (f" ({details})" if details else "")
+
+
+# --------------------------------------------------------------------------------------------------- sections
+def _headline(run, rounds: list[int], cfg: dict, s1: dict) -> list[Block]:
+    split = _json(run.stage1 / "split.json")
+    info = [["dataset", str(_get(cfg, "data", "name", default=NA))],
+            ["labels per class", str(_get(cfg, "data", "labels_per_class", default=NA))],
+            ["labeled images", str(split.get("num_labeled", NA))],
+            ["stage-1 learner / network", f"{s1.get('learner', NA)} / {s1.get('network', NA)}"],
+            ["DPT rounds", str(len(rounds))]]
+    out: list[Block] = [("h", 2, "Summary"), ("table", ["run", "value"], info)]
+    if not s1:
+        out.append(("note", "Stage 1 not run yet (no stage1/metrics.json)."))
+
+    src = {"stage1": {r: s1 if r == 1 else None for r in rounds},      # stage 1 runs once, in round 1
+           "stage3": {r: _json(run.stage("stage3", r) / "metrics.json") for r in rounds},
+           "evaluation": {r: _json(run.stage("evaluation", r) / "metrics.json") for r in rounds}}
+    pr = lambda m, k: _f(_get(m, "precision_recall", k))  # noqa: E731
+    metrics = [
+        ("stage-1 test top-1", "stage1", lambda m: _pct(_get(m, "test", "top1"))),
+        ("stage-3 test top-1", "stage3", lambda m: _pct(_get(m, "test", "top1"))),
+        ("change vs stage 1", "stage3", lambda m: _pp(m.get("delta_top1"))),
+        ("pseudo-label accuracy, stage 1 (unlabeled pool)", "stage1",
+         lambda m: _pct(_get(m, "pseudo_labels", "accuracy"))),
+        ("pseudo-label accuracy, stage 3 (unlabeled pool)", "stage3",
+         lambda m: _pct(_get(m, "pseudo_labels", "accuracy"))),
+        ("pseudo-images used in stage 3", "stage3", lambda m: str(m.get("num_pseudo_images", NA))),
+        ("FID", "evaluation", _fid),
+        ("class consistency (oracle)", "evaluation", lambda m: _pct(_get(m, "class_consistency", "accuracy"))),
+        ("precision / recall", "evaluation", lambda m: f"{pr(m, 'precision')} / {pr(m, 'recall')}"),
+        ("density / coverage", "evaluation", lambda m: f"{pr(m, 'density')} / {pr(m, 'coverage')}"),
+        ("domain Fréchet distance (oracle features)", "evaluation", lambda m: _f(m.get("domain_fd"), 2)),
+        ("oracle test top-1", "evaluation", lambda m: _pct(_get(m, "oracle", "test_top1"))),
+    ]
+    cell = lambda m, fn: "" if m is None else fn(m) if m else "not run yet"  # noqa: E731
+    rows = [[label] + [cell(src[stage][r], fn) for r in rounds] for label, stage, fn in metrics]
+    for s in STAGES:
+        wall = [_get(_json(run.stage(s, r) / "manifest.json"), "wall_time_s") for r in rounds]
+        rows.append([f"wall time, {s}"] + ["" if s == "stage1" and r > 1 else _secs(w) for r, w in zip(rounds, wall)])
+    out.append(("table", ["metric"] + [f"round {r}" for r in rounds], rows))
+    return out
+
+
+def _grid_section(run, rounds: list[int]) -> list[Block]:
+    out: list[Block] = [("h", 2, "Pseudo-images")]
+    for r in rounds:
+        path = run.stage("stage2", r) / "grid.png"
+        tag = "" if r == 1 else f" (round {r})"
+        try:
+            out.append(("img", f"grid_round{r}.png", path.read_bytes(), f"Samples, one row per class{tag}"))
+        except OSError:
+            out.append(("note", f"Stage 2{tag} not run yet (no {path.relative_to(run.root)})."))
+    return out
+
+
+def _curves_section(run, rounds: list[int]) -> list[Block]:
+    out: list[Block] = [("h", 2, "Training curves")]
+    what = {"stage1": "stage 1 (classifier)", "stage2": "stage 2 (diffusion)", "stage3": "stage 3 (classifier)"}
+    dirs = [("stage1", 1)] + [(s, r) for r in rounds for s in ("stage2", "stage3")]
+    for s, r in dirs:
+        d, title = run.stage(s, r), what[s] + ("" if r == 1 else f", round {r}")
+        rows = _stats(d / "stats.jsonl")
+        png = _curves_png(rows, title) if rows else None
+        if png is None:
+            out.append(("note", f"{title}: not run yet (no {(d / 'stats.jsonl').relative_to(run.root)})."))
+        else:
+            out.append(("img", f"curves_{s}_round{r}.png", png, f"{title}: logged training statistics"))
+    return out
+
+
+def _per_class_section(run, rounds: list[int], s1: dict, names: list[str]) -> list[Block]:
+    out: list[Block] = [("h", 2, "Per-class results")]
+    pl = s1.get("pseudo_labels") if isinstance(s1.get("pseudo_labels"), dict) else {}
+    prec = pl.get("per_class_precision", pl.get("precision"))
+    rec = pl.get("per_class_recall", pl.get("recall"))
+    if isinstance(prec, list) or isinstance(rec, list):
+        series = {"precision": prec if isinstance(prec, list) else [], "recall": rec if isinstance(rec, list) else []}
+        png = _bars_png(series, names, "Stage-1 pseudo-labels (unlabeled pool)")
+        out.append(("img", "pseudo_label_pr.png", png, "Per-class precision and recall of stage-1 pseudo-labels"))
+    else:
+        out.append(("note", "Stage 1 not run yet: no pseudo-label precision/recall."))
+
+    out += _per_class_table(run, rounds, s1, names)
+
+    matrices = [("pseudo-labels, stage 1 (unlabeled pool)", _get(pl, "confusion_matrix"), "cm_pseudo_labels.png"),
+                ("stage-1 test set", _get(s1, "test", "confusion"), "cm_stage1_test.png")]
+    for r in rounds:
+        tag = "" if r == 1 else f", round {r}"
+        s3 = _json(run.stage("stage3", r) / "metrics.json")
+        matrices.append((f"stage-3 test set{tag}", _get(s3, "test", "confusion"), f"cm_stage3_test_round{r}.png"))
+        matrices.append((f"generated images{tag}: oracle prediction",
+                         _get(_json(run.stage("evaluation", r) / "metrics.json"), "class_consistency",
+                              "confusion_matrix"), f"cm_class_consistency_round{r}.png"))
+    gallery, missing = [], []
+    for title, cm, fname in matrices:
+        png = _heatmap_png(cm, names, title) if cm is not None else None
+        if png is not None:
+            gallery.append((fname, png, f"Confusion matrix, {title} (rows: true class)"))
+        else:
+            missing.append(title)
+    out.append(("h", 3, "Confusion matrices"))
+    if gallery:
+        out.append(("gallery", gallery))
+    if missing:
+        out.append(("note", "Not run yet: " + "; ".join(missing) + "."))
+    return out
+
+
+def _per_class_table(run, rounds: list[int], s1: dict, names: list[str]) -> list[Block]:
+    """One row per class: pseudo-label precision/recall, test accuracy of stages 1 and 3, class consistency."""
+    cols = {"pseudo-label precision": _get(s1, "pseudo_labels", "per_class_precision"),
+            "pseudo-label recall": _get(s1, "pseudo_labels", "per_class_recall"),
+            "stage-1 test acc.": _get(s1, "test", "per_class_accuracy")}
+    for r in rounds:
+        tag = "" if len(rounds) == 1 else f" (round {r})"
+        cols[f"stage-3 test acc.{tag}"] = _get(_json(run.stage("stage3", r) / "metrics.json"), "test",
+                                                "per_class_accuracy")
+        cols[f"class consistency{tag}"] = _get(_json(run.stage("evaluation", r) / "metrics.json"),
+                                               "class_consistency", "per_class_accuracy")
+    cols = {k: v for k, v in cols.items() if isinstance(v, list) and v}
+    if not cols or not names:
+        return []
+    rows = [[f"{c}: {name}"] + [_pct(v[c]) if c < len(v) else NA for v in cols.values()]
+            for c, name in enumerate(names)]
+    return [("table", ["class"] + list(cols), rows)]
+
+
+def _config_section(run, cfg_text: str | None) -> list[Block]:
+    out: list[Block] = [("h", 2, "Configuration")]
+    out.append(("pre", cfg_text) if cfg_text else ("note", "No config.yaml yet."))
+    out.append(("h", 2, "Environment"))
+    env = _json(run.env)
+    out.append(("pre", json.dumps(env, indent=2, default=str)) if env else ("note", "No env.json yet."))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------ plots
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def _curves_png(rows: list[dict], title: str) -> bytes | None:
+    """One small panel per numeric key of `rows`, against `step` (classifier) or `kimg` (diffusion)."""
+    from matplotlib.figure import Figure
+
+    xkey = "step" if any("step" in r for r in rows) else "kimg" if any("kimg" in r for r in rows) else None
+    keys = [k for k in dict.fromkeys(k for r in rows for k in r)
+            if k not in (xkey, "time") and any(_num(r.get(k)) is not None for r in rows)]
+    if not keys:
+        return None
+    x = np.array([_num(r.get(xkey)) if xkey else i for i, r in enumerate(rows)], dtype=float)
+    cols = min(4, len(keys))
+    nrows = -(-len(keys) // cols)
+    fig = Figure(figsize=(3.2 * cols, 2.4 * nrows), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(nrows, cols, squeeze=False)).reshape(-1)
+    for ax, k in zip(axes, keys):
+        y = np.array([np.nan if _num(r.get(k)) is None else r[k] for r in rows], dtype=float)
+        ok = np.isfinite(x) & np.isfinite(y)
+        ax.plot(x[ok], y[ok], lw=1.2, marker="." if ok.sum() < 30 else None)
+        if k.startswith("loss") and ok.any() and (y[ok] > 0).all() and y[ok].max() > 10 * y[ok].min():
+            ax.set_yscale("log")
+        ax.set_title(k, fontsize=10)
+        ax.set_xlabel(xkey or "log line", fontsize=8)
+        ax.tick_params(labelsize=8)
+        ax.grid(alpha=0.3)
+    for ax in axes[len(keys):]:
+        ax.set_visible(False)
+    fig.suptitle(title, fontsize=11)
+    return _png(fig)
+
+
+def _bars_png(series: dict[str, list], names: list[str], title: str) -> bytes:
+    """Grouped bars per class in [0, 1]; undefined values (None) are marked n/a."""
+    from matplotlib.figure import Figure
+
+    n = max([len(names)] + [len(v) for v in series.values()])
+    labels = (names + [str(i) for i in range(len(names), n)])[:n]
+    fig = Figure(figsize=(max(6.0, 0.7 * n + 2), 3.6), layout="constrained")
+    ax = fig.subplots()
+    width = 0.8 / max(1, len(series))
+    for j, (name, vals) in enumerate(series.items()):
+        xs = np.arange(n) + (j - (len(series) - 1) / 2) * width
+        ys = [_num(vals[i]) if i < len(vals) else None for i in range(n)]
+        ax.bar(xs, [0 if y is None else y for y in ys], width, label=name)
+        for xv, y in zip(xs, ys):
+            if y is None:
+                ax.text(xv, 0.02, "n/a", ha="center", va="bottom", rotation=90, fontsize=7)
+    ax.set_xticks(np.arange(n), labels, rotation=30, ha="right", fontsize=9)
+    ax.set_ylim(0, 1.2)
+    ax.set_yticks(np.linspace(0, 1, 6))
+    ax.set_title(title, fontsize=11)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper right", ncol=len(series))
+    return _png(fig)
+
+
+def _heatmap_png(cm, names: list[str], title: str) -> bytes | None:
+    """Confusion matrix (rows true, columns predicted): colour = row-normalised share, text = count."""
+    from matplotlib.figure import Figure
+
+    try:
+        m = np.asarray(cm, dtype=float)
+    except (TypeError, ValueError):
+        return None
+    if m.ndim != 2 or m.shape[0] != m.shape[1] or m.shape[0] == 0:
+        return None
+    n = m.shape[0]
+    labels = names if len(names) == n else [str(i) for i in range(n)]
+    share = m / np.maximum(m.sum(axis=1, keepdims=True), 1)
+    size = max(4.0, 0.3 * n + 2.2)
+    fig = Figure(figsize=(size + 0.8, size), layout="constrained")
+    ax = fig.subplots()
+    im = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of true class")
+    if n <= 20:
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, f"{m[i, j]:.0f}", ha="center", va="center", fontsize=6 if n > 10 else 7,
+                        color="white" if share[i, j] > 0.5 else "black")
+    ticks = np.arange(n) if n <= 40 else np.arange(0, n, max(1, n // 20))
+    ax.set_xticks(ticks, [labels[t] for t in ticks], rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(ticks, [labels[t] for t in ticks], fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=10)
+    return _png(fig)
+
+
+# -------------------------------------------------------------------------------------------------- rendering
+CSS = """
+body { font: 15px/1.5 -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif; color: #1f2328;
+       max-width: 1100px; margin: 2em auto; padding: 0 1.5em; background: #fff; }
+h1 { font-size: 1.7em; border-bottom: 2px solid #d0d7de; padding-bottom: .3em; }
+h2 { font-size: 1.3em; margin-top: 2em; border-bottom: 1px solid #d0d7de; padding-bottom: .2em; }
+table { border-collapse: collapse; margin: 1em 0; font-variant-numeric: tabular-nums; }
+th, td { border: 1px solid #d0d7de; padding: .35em .8em; text-align: left; vertical-align: top; }
+th { background: #f6f8fa; } tr:nth-child(even) td { background: #fbfcfd; }
+figure { margin: 1.2em 0; } figure img { max-width: 100%; height: auto; border: 1px solid #eaeef2; }
+figcaption { color: #57606a; font-size: .9em; margin-top: .3em; }
+.gallery { display: grid; grid-template-columns: repeat(auto-fill, minmax(460px, 1fr)); gap: 0 1.5em; }
+.note { color: #6e7781; font-style: italic; }
+pre { background: #f6f8fa; border: 1px solid #d0d7de; padding: 1em; overflow: auto; font-size: 13px;
+      line-height: 1.4; max-height: 40em; }
+"""
+
+
+def _to_html(blocks: list[Block], title: str) -> str:
+    e = html.escape
+    body = []
+    for b in blocks:
+        kind = b[0]
+        if kind == "h":
+            body.append(f"<h{b[1]}>{e(b[2])}</h{b[1]}>")
+        elif kind in ("p", "note"):
+            body.append(f'<p class="{kind}">{e(b[1])}</p>')
+        elif kind == "table":
+            head = "".join(f"<th>{e(h)}</th>" for h in b[1])
+            rows = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in b[2])
+            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
+        elif kind == "img":
+            body.append(_html_figure(*b[1:]))
+        elif kind == "gallery":
+            body.append('<div class="gallery">' + "".join(_html_figure(*g) for g in b[1]) + "</div>")
+        elif kind == "pre":
+            body.append(f"<pre>{e(b[1])}</pre>")
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f"<title>{e(title)} - dualpseudo report</title><style>{CSS}</style></head>\n<body>\n"
+            + "\n".join(body) + "\n</body></html>\n")
+
+
+def _html_figure(name: str, png: bytes, caption: str) -> str:
+    data = base64.b64encode(png).decode("ascii")
+    return (f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+
+
+def _to_markdown(blocks: list[Block], run) -> tuple[str, dict[str, bytes]]:
+    """Markdown text and the figures it references ({file name under run.figures: PNG bytes})."""
+    cell = lambda s: str(s).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+    rel = Path(os.path.relpath(run.figures, run.root)).as_posix()
+    lines, figures = [], {}
+    for b in blocks:
+        kind = b[0]
+        if kind == "h":
+            lines += ["#" * b[1] + " " + b[2], ""]
+        elif kind == "p":
+            lines += [b[1], ""]
+        elif kind == "note":
+            lines += [f"*{b[1]}*", ""]
+        elif kind == "table":
+            lines.append("| " + " | ".join(cell(h) for h in b[1]) + " |")
+            lines.append("|" + "---|" * len(b[1]))
+            lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in b[2]]
+            lines.append("")
+        elif kind in ("img", "gallery"):
+            for name, png, caption in [b[1:]] if kind == "img" else b[1]:
+                figures[name] = png
+                lines += [f"![{cell(caption)}]({rel}/{name})", ""]
+        elif kind == "pre":
+            fence = "````" if "```" in b[1] else "```"
+            lines += [fence, b[1].rstrip("\n"), fence, ""]
+    return "\n".join(lines), figures
