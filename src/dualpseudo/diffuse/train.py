@@ -106,7 +106,6 @@ def train_diffusion(cfg: Stage2Config, *, images: np.ndarray, labels: np.ndarray
         write_text(out_dir / "stats.jsonl", "".join(json.dumps(s) + "\n" for s in stats))
 
     total = int(round(cfg.duration_kimg * 1000))
-    ema_beta = 0.5 ** (cfg.batch_size / max(cfg.ema_halflife_kimg * 1000, 1e-8))
     next_log = (nimg // int(cfg.log_every_kimg * 1000) + 1) * int(cfg.log_every_kimg * 1000)
     next_ckpt = (nimg // int(cfg.checkpoint_every_kimg * 1000) + 1) * int(cfg.checkpoint_every_kimg * 1000)
     bar = None
@@ -132,7 +131,8 @@ def train_diffusion(cfg: Stage2Config, *, images: np.ndarray, labels: np.ndarray
         opt.step()
         nimg += cfg.batch_size
 
-        # EMA with a half-life counted in images
+        # EMA with a half-life counted in images, ramped up as in EDM (half-life <= 5% of images seen so far)
+        ema_beta = 0.5 ** (cfg.batch_size / max(min(cfg.ema_halflife_kimg * 1000, nimg * 0.05), 1e-8))
         with torch.no_grad():
             torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - ema_beta)
             for b_ema, b in zip(ema.buffers(), net.buffers()):
