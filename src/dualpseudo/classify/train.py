@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from ..artifacts import ArtifactError, load_torch, save_torch, write_bytes, write_text
 from ..config import Stage1Config
+from ..distributed import World, current
 from ..runtime import autocast
 from . import augment
 from .networks import build_network
@@ -109,17 +110,23 @@ def train_classifier(cfg: Stage1Config, *, x_lb: np.ndarray, y_lb: np.ndarray, x
                      precision: str, seed: int, x_pseudo: np.ndarray | None = None,
                      y_pseudo: np.ndarray | None = None, pseudo_fraction: float = 0.0,
                      iterations: int | None = None, stop_at: int | None = None,
-                     progress: bool = True) -> nn.Module:
+                     progress: bool = True, world: World | None = None) -> nn.Module:
     """Train (or resume from out_dir/state.pt) and return the EMA model in eval mode.
 
     Images are uint8 (N, H, W, C); labels int (N,). `stop_at` ends this call early at that step (state saved),
-    the schedule still spanning all `iterations` (default cfg.iterations).
+    the schedule still spanning all `iterations` (default cfg.iterations). With several processes (`world`,
+    default: the initialised process group) each takes 1/size of every global batch, gradients are averaged by
+    DDP, FreeMatch's threshold sees the whole batch, and rank 0 alone writes files.
     """
+    world = current() if world is None else world
     device = torch.device(device)
     out_dir = Path(out_dir)
     total = int(iterations or cfg.iterations)
     ssl = cfg.learner != "supervised" and cfg.uratio > 0
     B, U = cfg.batch_size, cfg.uratio * cfg.batch_size
+    world.per_rank(B, "stage1.batch_size")
+    part = slice(world.rank, None, world.size)        # this process's share of each global batch
+    mine = torch.arange(B)[part]                      # its positions in the labeled (+ pseudo) batch of B
 
     # ---- data: uint8 tensors on the device, index samplers
     lb = _to_device_uint8(x_lb, "x_lb", device)
@@ -150,39 +157,50 @@ def train_classifier(cfg: Stage1Config, *, x_lb: np.ndarray, y_lb: np.ndarray, x
         model = build_network(cfg.network, num_classes, C, H)
     model = model.to(device, memory_format=torch.channels_last).train()
     ema = copy.deepcopy(model).requires_grad_(False)
+    forward = world.wrap(model, device)                                         # DDP when several processes
     opt = torch.optim.SGD(_param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum,
                           nesterov=cfg.nesterov)
     threshold = FreeMatchThreshold.init(num_classes, cfg.threshold_ema, device) if cfg.learner == "freematch" else None
-    gen = torch.Generator(device=device).manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed + 1_000_003 * world.rank)
     resume_key = _resume_config(cfg, total, num_classes, (C, H, W))
 
     # ---- resume
-    step, stats_lines = 0, []
+    step, stats_lines, resumed, saved = 0, [], False, False
     state_path, stats_path = out_dir / STATE_FILE, out_dir / STATS_FILE
     if state_path.is_file():
         state = load_torch(state_path, map_location=device)
-        if state.get("resume_key") != resume_key:
+        if not isinstance(state, dict) or state.get("resume_key") != resume_key:
             raise ArtifactError(f"{state_path} was written with a different stage-1 config, data shape or "
                                 f"iteration count; delete it (or the run directory) to start over")
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["optimizer"])
-        if threshold is not None:
-            threshold.load_state_dict(state["threshold"])
-        gen.set_state(state["rng"]["augment"].cpu())
-        step = int(state["step"])
+        try:
+            model.load_state_dict(state["model"])
+            ema.load_state_dict(state["ema"])
+            opt.load_state_dict(state["optimizer"])
+            if threshold is not None:
+                threshold.load_state_dict(state["threshold"])
+            per_rank = state["rng"].get("augment_ranks", [state["rng"]["augment"]])
+            if world.rank < len(per_rank):
+                gen.set_state(per_rank[world.rank].cpu())
+            step, resumed = int(state["step"]), True
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise ArtifactError(f"{state_path} is not a usable stage-1 training state ({type(e).__name__}: "
+                                f"{str(e)[:200]}); delete it to start over") from None
         if stats_path.is_file():  # drop lines logged after the saved state (they will be logged again)
             stats_lines = [l for l in stats_path.read_text().splitlines() if l and json.loads(l)["step"] <= step]
 
     def save_state() -> None:
-        save_torch(state_path, {
-            "step": step, "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-            "threshold": threshold.state_dict() if threshold is not None else {},
-            "rng": {"augment": gen.get_state()}, "resume_key": resume_key})
+        rng = {"augment": gen.get_state()}
+        if world.distributed:                           # every rank's augmentation stream (a collective call)
+            rng["augment_ranks"] = [s.cpu() for s in world.gather(gen.get_state().cpu())]
+        if world.is_main:
+            save_torch(state_path, {
+                "step": step, "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+                "threshold": threshold.state_dict() if threshold is not None else {},
+                "rng": rng, "resume_key": resume_key})
 
     # ---- training loop
     end = total if stop_at is None else min(total, stop_at)
-    bar = tqdm(total=total, initial=step, disable=not progress, desc=f"stage1 {cfg.learner}", dynamic_ncols=True)
+    bar = tqdm(total=total, initial=step, disable=not progress or not world.is_main, desc=f"stage1 {cfg.learner}", dynamic_ncols=True)
     t_start, t_log, window = time.time(), time.time(), []
     while step < end:
         lr = cosine_lr(cfg.lr, step, total)
@@ -190,27 +208,31 @@ def train_classifier(cfg: Stage1Config, *, x_lb: np.ndarray, y_lb: np.ndarray, x
             group["lr"] = lr
 
         # batch: labeled (+ pseudo) weak view; unlabeled weak and strong views; one concatenated forward
-        i_lb = sampler_lb.batch(step).to(device)
+        i_lb = sampler_lb.batch(step)[mine[mine < B - n_pseudo]].to(device)
         x, y = _to_float(lb[i_lb]), y_lb_t[i_lb]
         if n_pseudo > 0:
-            i_ps = sampler_ps.batch(step).to(device)
+            i_ps = sampler_ps.batch(step)[mine[mine >= B - n_pseudo] - (B - n_pseudo)].to(device)
             x, y = torch.cat([x, _to_float(ps[i_ps])]), torch.cat([y, y_ps[i_ps]])
         views = [augment.weak(x, gen, hflip)]                                   # (B, C, H, W)
         if ssl:
-            x_u = _to_float(ulb[sampler_ulb.batch(step).to(device)])
+            x_u = _to_float(ulb[sampler_ulb.batch(step)[part].to(device)])
             views += [augment.weak(x_u, gen, hflip),                            # x_ulb_w (U, C, H, W)
                       augment.strong(x_u, gen, hflip, cfg.randaugment_ops, cfg.cutout)]  # x_ulb_s
-        inputs = torch.cat(views).contiguous(memory_format=torch.channels_last)  # (B + 2U, C, H, W)
+        inputs = torch.cat(views).contiguous(memory_format=torch.channels_last)  # (b + 2u, C, H, W) per rank
         with autocast(device, precision):
-            logits = model(inputs).float()                                      # (B + 2U, num_classes)
+            logits = forward(inputs).float()                                    # (b + 2u, num_classes)
 
         # losses
-        loss_x = supervised_loss(logits[:B], y)
+        b, u = len(y), (len(inputs) - len(y)) // 2
+        loss_x = supervised_loss(logits[:b], y)
         loss_u = loss_f = mask = torch.zeros((), device=device)
         if ssl:
-            logits_w, logits_s = logits[B:B + U], logits[B + U:]
+            logits_w, logits_s = logits[b:b + u], logits[b + u:]
             if threshold is None:
                 mask = fixmatch_mask(logits_w, cfg.p_cutoff)
+            elif world.distributed:                     # the threshold state follows the global batch
+                threshold.update(world.all_gather(torch.softmax(logits_w.detach().float(), dim=-1)))
+                mask = threshold.mask(logits_w, update=False)
             else:
                 mask = threshold.mask(logits_w)
                 if cfg.lambda_f > 0:
@@ -218,7 +240,7 @@ def train_classifier(cfg: Stage1Config, *, x_lb: np.ndarray, y_lb: np.ndarray, x
             loss_u = consistency_loss(logits_s, logits_w, mask, cfg.hard_label, cfg.T)
             mask = mask.mean()
         loss = loss_x + cfg.lambda_u * loss_u + cfg.lambda_f * loss_f
-        if not torch.isfinite(loss):
+        if not world.all_true(torch.isfinite(loss), device):
             bar.close()
             raise FloatingPointError(
                 f"non-finite training loss at step {step} (loss_x={loss_x.item():.4g}, loss_u={loss_u.item():.4g},"
@@ -244,14 +266,16 @@ def train_classifier(cfg: Stage1Config, *, x_lb: np.ndarray, y_lb: np.ndarray, x
                 "step": step, "loss_x": lx, "loss_u": lu, "loss_f": lf, "mask": mk if ssl else None, "lr": lr,
                 "threshold": tau, "time": round(now - t_start, 3),
                 "steps_per_s": round(len(window) / max(now - t_log, 1e-9), 3)}))
-            write_text(stats_path, "\n".join(stats_lines) + "\n")
+            if world.is_main:
+                write_text(stats_path, "\n".join(stats_lines) + "\n")
             bar.set_postfix(loss=f"{lx + cfg.lambda_u * lu:.3f}", mask=f"{mk:.2f}" if ssl else "-",
                             sps=f"{len(window) / max(now - t_log, 1e-9):.1f}")
             t_log, window = now, []
         if step % cfg.checkpoint_every == 0 or step == end:
             save_state()
+            saved = True
     bar.close()
-    if step == 0 or not state_path.is_file():
+    if not (saved or resumed):
         save_state()
     return ema.eval()
 

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..artifacts import ArtifactError, load_torch, save_torch, write_bytes, write_text
 from ..config import Stage2Config, config_hash
+from ..distributed import World, current
 from ..runtime import autocast
 from .edm import EDMLoss, EDMPrecond
 from .networks import NETWORKS
@@ -43,23 +44,32 @@ def _training_hash(cfg: Stage2Config, **extra) -> str:
 
 
 def _batch(images: torch.Tensor, labels: torch.Tensor, batch_size: int, hflip: bool, gen: torch.Generator,
-           device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """A random batch: uint8 (N, H, W, C) -> float (B, C, H, W) in [-1, 1] channels_last, labels (B,)."""
+           device: torch.device, part: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random batch: uint8 (N, H, W, C) -> float (b, C, H, W) in [-1, 1] channels_last, labels (b,).
+
+    The global batch of `batch_size` is drawn (same `gen` on every process); `part` is this process's share.
+    """
     idx = torch.randint(len(images), (batch_size,), generator=gen)
-    x = images[idx].to(device).permute(0, 3, 1, 2).float() / 127.5 - 1                # (B, C, H, W)
-    if hflip:
-        flip = (torch.rand(batch_size, generator=gen) < 0.5).to(device)
+    flip = torch.rand(batch_size, generator=gen) < 0.5 if hflip else None
+    idx = idx[part]
+    x = images[idx].to(device).permute(0, 3, 1, 2).float() / 127.5 - 1                # (b, C, H, W)
+    if flip is not None:
+        flip = flip[part].to(device)
         x = torch.where(flip[:, None, None, None], x.flip(3), x)
     return x.contiguous(memory_format=torch.channels_last), labels[idx].to(device)
 
 
 def train_diffusion(cfg: Stage2Config, *, images: np.ndarray, labels: np.ndarray, num_classes: int,
                     out_dir: str | Path, device: torch.device | str = "cpu", precision: str = "fp32",
-                    seed: int = 0, hflip: bool = False, progress: bool = True) -> EDMPrecond:
+                    seed: int = 0, hflip: bool = False, progress: bool = True,
+                    world: World | None = None) -> EDMPrecond:
     """Train (or resume, or just load when finished) and return the EMA EDMPrecond in eval mode.
 
     images: uint8 (N, H, W, C); labels: int64 (N,) in [0, num_classes], num_classes = null (unconditional).
+    With several processes (`world`, default: the initialised process group) each trains on its share of every
+    global batch with its own noise stream, DDP averages the gradients, and rank 0 alone writes files.
     """
+    world = current() if world is None else world
     out_dir, device = Path(out_dir), torch.device(device)
     if images.ndim != 4 or images.dtype != np.uint8 or images.shape[1] != images.shape[2]:
         raise ValueError(f"images must be uint8 (N, H, W, C) with H == W, got {images.dtype} {images.shape}")
@@ -67,17 +77,21 @@ def train_diffusion(cfg: Stage2Config, *, images: np.ndarray, labels: np.ndarray
     if len(labels) != len(images) or labels.min() < 0 or labels.max() > num_classes:
         raise ValueError(f"labels must be (N,) = ({len(images)},) in [0, {num_classes}] ({num_classes} = null class)")
     N, S, _, C = images.shape
+    b = world.per_rank(cfg.batch_size, "stage2.batch_size")
+    part = slice(world.rank * b, (world.rank + 1) * b)
 
     # model, EMA, optimizer, loss, data, RNG
     torch.manual_seed(seed)
     net = build_model(cfg.network, C, S, num_classes, cfg.sigma_data).to(device).train()
     ema = build_model(cfg.network, C, S, num_classes, cfg.sigma_data).to(device).eval().requires_grad_(False)
     ema.load_state_dict(net.state_dict())
+    forward = world.wrap(net, device)                                                   # DDP when several processes
+    forward.num_classes = net.num_classes
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
     loss_fn = EDMLoss(cfg.P_mean, cfg.P_std, cfg.sigma_data, cfg.p_uncond)
     data_x, data_y = torch.from_numpy(images), torch.from_numpy(labels)
     gen = torch.Generator().manual_seed(seed)                                           # batches (CPU)
-    noise_gen = torch.Generator(device=device).manual_seed(seed + 1)                    # sigma, noise, dropout
+    noise_gen = torch.Generator(device=device).manual_seed(seed + 1 + 1_000_003 * world.rank)  # sigma, noise, drop
     train_hash = _training_hash(cfg, seed=seed, hflip=hflip, N=N, S=S, C=C, num_classes=num_classes,
                                 precision=precision, data=int(images[:, ::4, ::4].sum()), labels=int(labels.sum()))
     nimg, stats = 0, []
@@ -86,42 +100,53 @@ def train_diffusion(cfg: Stage2Config, *, images: np.ndarray, labels: np.ndarray
     state_path = out_dir / "state.pt"
     if state_path.is_file():
         state = load_torch(state_path, map_location=device)
-        if state.get("train_hash") != train_hash:
+        if not isinstance(state, dict) or state.get("train_hash") != train_hash:
             raise ArtifactError(f"{state_path} was written by a different stage-2 config or dataset; "
                                 f"delete {out_dir} to train from scratch")
-        net.load_state_dict(state["net"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["optimizer"])
-        nimg = int(state["nimg"])
-        gen.set_state(state["gen_state"])
-        noise_gen.set_state(state["noise_gen_state"])
-        torch.set_rng_state(state["torch_rng_state"])
-        stats = [json.loads(line) for line in state["stats"]]
+        try:
+            net.load_state_dict(state["net"])
+            ema.load_state_dict(state["ema"])
+            opt.load_state_dict(state["optimizer"])
+            nimg = int(state["nimg"])
+            gen.set_state(state["gen_state"])
+            noise_states = state.get("noise_gen_states", [state["noise_gen_state"]])
+            if world.rank < len(noise_states):
+                noise_gen.set_state(noise_states[world.rank])
+            torch.set_rng_state(state["torch_rng_state"])
+            stats = [json.loads(line) for line in state["stats"]]
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise ArtifactError(f"{state_path} is not a usable stage-2 training state ({type(e).__name__}: "
+                                f"{str(e)[:200]}); delete it to train from scratch") from None
 
     def save_state() -> None:
+        extra = {}
+        if world.distributed:                           # every rank's noise stream (a collective call)
+            extra["noise_gen_states"] = [s.cpu() for s in world.gather(noise_gen.get_state().cpu())]
+        if not world.is_main:
+            return
         save_torch(state_path, {"net": net.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
                                 "nimg": nimg, "gen_state": gen.get_state(), "noise_gen_state": noise_gen.get_state(),
                                 "torch_rng_state": torch.get_rng_state(), "train_hash": train_hash,
-                                "stats": [json.dumps(s) for s in stats]})
+                                "stats": [json.dumps(s) for s in stats], **extra})
         write_text(out_dir / "stats.jsonl", "".join(json.dumps(s) + "\n" for s in stats))
 
     total = int(round(cfg.duration_kimg * 1000))
     next_log = (nimg // int(cfg.log_every_kimg * 1000) + 1) * int(cfg.log_every_kimg * 1000)
     next_ckpt = (nimg // int(cfg.checkpoint_every_kimg * 1000) + 1) * int(cfg.checkpoint_every_kimg * 1000)
     bar = None
-    if progress and nimg < total:
+    if progress and nimg < total and world.is_main:
         from tqdm.auto import tqdm
         bar = tqdm(total=total, initial=nimg, unit="img", unit_scale=True, desc="stage2 diffusion", smoothing=0.05)
     t_log, n_log, loss_sum, loss_n = time.perf_counter(), nimg, 0.0, 0
 
     while nimg < total:
         # one optimisation step
-        x, y = _batch(data_x, data_y, cfg.batch_size, hflip, gen, device)
+        x, y = _batch(data_x, data_y, cfg.batch_size, hflip, gen, device, part)
         for g in opt.param_groups:
             g["lr"] = cfg.lr * min(nimg / max(cfg.warmup_kimg * 1000, 1e-8), 1.0)
         with autocast(device, precision):
-            loss = loss_fn(net, x, y, generator=noise_gen).mean()
-        if not torch.isfinite(loss):
+            loss = loss_fn(forward, x, y, generator=noise_gen).mean()
+        if not world.all_true(torch.isfinite(loss), device):
             raise FloatingPointError(f"stage 2: non-finite loss {loss.item()} at {nimg / 1000:.1f} kimg; the last "
                                      f"good state is {state_path}. Lower stage2.lr or use runtime.precision=fp32")
         opt.zero_grad(set_to_none=True)

@@ -1,6 +1,7 @@
 """Evaluation of the pseudo-images: class consistency, domain Frechet distance and precision/recall under an
 oracle classifier, and FID with the standard Inception network.
 
+Evaluation runs in one process (rank 0 of a data-parallel launch; the others wait): it is small next to training.
 The oracle is a classifier trained with ALL training labels. DPT itself never sees it; it only judges whether a
 generated image shows the class it was conditioned on. It is trained once per (dataset, settings) and cached.
 """
@@ -15,6 +16,7 @@ from ..artifacts import load_npz, write_json
 from ..classify.train import load_classifier, predict, save_classifier, train_classifier
 from ..config import ExperimentConfig, Stage1Config, config_hash
 from ..data.datasets import Dataset
+from ..distributed import LOCAL
 from ..evaluate.classification import class_consistency, top1
 from ..evaluate.domain import domain_feature_fn
 from ..evaluate.features import extract_features
@@ -40,7 +42,7 @@ def get_oracle(cfg: ExperimentConfig, ds: Dataset, cache: Path, device: torch.de
     if not path.is_file():
         model = train_classifier(s, x_lb=ds.train_images, y_lb=ds.train_labels, x_ulb=ds.train_images[:1],
                                  num_classes=ds.num_classes, hflip=cfg.data.hflip, out_dir=d, device=device,
-                                 precision=cfg.runtime.precision, seed=12345, progress=progress)
+                                 precision=cfg.runtime.precision, seed=12345, progress=progress, world=LOCAL)
         acc = None
         if len(ds.test_images):
             acc = top1(predict(model, ds.test_images, batch_size=1024, device=device,

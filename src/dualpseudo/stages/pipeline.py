@@ -3,6 +3,10 @@
 A step is done when its manifest matches its config hash and the hashes of its inputs (the upstream files it
 reads), so changing a stage-2 setting re-runs stages 2 and 3 and keeps stage 1. Rounds after the first repeat
 stages 2-3 with the newest classifier's pseudo-labels (`rounds: N`, beyond the paper).
+
+Under a data-parallel launch (`accelerate launch` / `torchrun`) every process runs every step; rank 0 decides
+what runs, writes the manifests and the report, and the others wait at barriers. A training state or artifact
+that fails to load is reported, deleted and rebuilt once (`_run_step`).
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ from typing import Callable
 import numpy as np
 import yaml
 
-from .. import __version__, runtime
+from .. import __version__, distributed, runtime
 from ..artifacts import (ArtifactError, file_hash, read_json, reset_if_stale, stage_status, write_json,
                          write_manifest, write_text)
 from ..config import ExperimentConfig, config_hash, load_config, to_dict, to_yaml
@@ -106,8 +110,9 @@ def build_steps(cfg: ExperimentConfig, run: RunDir, ds: Dataset, stages: tuple[s
     steps: list[Step] = []
 
     def stage1() -> tuple[list[str], dict]:
-        write_json(s1 / "split.json", split_record(idx, ds.train_labels, ds.num_classes, ds.fingerprint,
-                                                   cfg.data.split_seed, source))
+        if distributed.current().is_main:
+            write_json(s1 / "split.json", split_record(idx, ds.train_labels, ds.num_classes, ds.fingerprint,
+                                                       cfg.data.split_seed, source))
         m = fit_and_label(cfg, ds, idx, s1, device)
         return ["split.json", "classifier.safetensors", PSEUDO_LABELS, "metrics.json"], _summary(m)
 
@@ -146,6 +151,8 @@ def build_steps(cfg: ExperimentConfig, run: RunDir, ds: Dataset, stages: tuple[s
         if last >= 3:
             def evaluation(d2=d2, de=de):
                 from .evaluation import run_evaluation
+                if not distributed.current().is_main:       # evaluation runs on rank 0 alone
+                    return ["metrics.json"], {}
                 m = run_evaluation(cfg, ds, d2 / PSEUDO_IMAGES, de, device)
                 return ["metrics.json"], {"fid": m.get("fid", {}).get("fid"),
                                           "class_consistency": m["class_consistency"]["accuracy"],
@@ -195,36 +202,68 @@ def main(config_path: str, overrides: list[str], run_root: Path, stages: tuple[s
     check_run_dir(cfg, run, force)
     ds = load_dataset(cfg.data)
     device = runtime.setup(cfg.runtime)
+    world, device = distributed.init(device)
     steps = build_steps(cfg, run, ds, stages, device)
     if dry_run:
-        print(to_yaml(cfg))
-        print(f"plan for {run.root}:")
-        for name, what in plan(steps):
-            print(f"  {name:<22} {what}")
+        if world.is_main:
+            print(to_yaml(cfg))
+            print(f"plan for {run.root}:")
+            for name, what in plan(steps):
+                print(f"  {name:<22} {what}")
         return 0
-    run.root.mkdir(parents=True, exist_ok=True)
-    write_text(run.config, to_yaml(cfg))
-    _write_env(run, str(device))
+    say = (lambda msg: print(msg, flush=True)) if world.is_main else (lambda msg: None)
+    if world.is_main:
+        run.root.mkdir(parents=True, exist_ok=True)
+        for tmp in run.root.rglob(".*.tmp"):           # left by a writer that was killed; never read
+            tmp.unlink(missing_ok=True)
+        write_text(run.config, to_yaml(cfg))
+        _write_env(run, f"{device} x {world.size} processes" if world.distributed else str(device))
+    world.barrier()
     for s in steps:
         inputs = s.inputs()
-        done, why = stage_status(s.dir, s.config_hash, inputs)
+        done, why = world.broadcast(stage_status(s.dir, s.config_hash, inputs) if world.is_main else None)
         if done:
-            print(f"[{s.name}] reused: done, hashes match", flush=True)
+            say(f"[{s.name}] reused: done, hashes match")
             continue
-        print(f"[{s.name}] running ({why})", flush=True)
-        s.dir.mkdir(parents=True, exist_ok=True)
-        if s.resumable and reset_if_stale(s.dir, {"config": s.config_hash, "inputs": inputs}, s.resumable):
-            print(f"[{s.name}] dropped a training state made with other settings", flush=True)
+        say(f"[{s.name}] running ({why})")
+        if world.is_main:
+            s.dir.mkdir(parents=True, exist_ok=True)
+            if s.resumable and reset_if_stale(s.dir, {"config": s.config_hash, "inputs": inputs}, s.resumable):
+                say(f"[{s.name}] dropped a training state made with other settings")
+        world.barrier()
         t0 = time.time()
-        outputs, summary = s.run()
-        write_manifest(s.dir, s.config_hash, inputs, outputs,
-                       {"wall_time_s": round(time.time() - t0, 1), "summary": summary})
-        print(f"[{s.name}] done in {time.time() - t0:.0f}s: {json.dumps(summary, default=str)}", flush=True)
-    if stages == ALL_STAGES:
+        outputs, summary = _run_step(s, world)
+        if world.is_main:
+            write_manifest(s.dir, s.config_hash, inputs, outputs,
+                           {"wall_time_s": round(time.time() - t0, 1), "summary": summary})
+        world.barrier()
+        say(f"[{s.name}] done in {time.time() - t0:.0f}s: {json.dumps(summary, default=str)}")
+    if stages == ALL_STAGES and world.is_main:
         from ..report import write_report as _write_report
         path = _write_report(run)
         print(f"report: {path}")
+    world.barrier()
     return 0
+
+
+def _run_step(s: Step, world: distributed.World) -> tuple[list[str], dict]:
+    """Run a step; when one of its own files fails to load (ArtifactError), delete that file and run it again.
+
+    Only a file inside the step's own folder is deleted (training state, snapshot, chunk...); an error about
+    anything else, or a second failure, propagates.
+    """
+    try:
+        return s.run()
+    except ArtifactError as e:
+        own = sorted((p for p in s.dir.rglob("*") if p.is_file()), key=lambda p: -len(str(p)))
+        bad = next((p for p in own if str(p) in str(e)), None)
+        if bad is None:
+            raise
+        if world.is_main:
+            print(f"[{s.name}] warning: {e}; deleted {bad.name}, rebuilding", file=sys.stderr, flush=True)
+            bad.unlink(missing_ok=True)
+        world.barrier()
+    return s.run()
 
 
 def sample_grid(run_root: Path, *, per_class: int, out: str | None, guidance_scale: float | None,

@@ -14,6 +14,7 @@ import torch
 from ..artifacts import array_hash, load_npz, reset_if_stale, save_npz
 from ..config import ExperimentConfig, config_hash
 from ..data.datasets import Dataset
+from ..distributed import current
 from ..diffuse.generate import generate_chunks
 from ..diffuse.train import load_diffusion, save_diffusion, train_diffusion
 from ..report import save_grid
@@ -48,14 +49,19 @@ def sample_seeds(cfg: ExperimentConfig, num_classes: int) -> tuple[np.ndarray, n
 
 def run_stage2(cfg: ExperimentConfig, ds: Dataset, pseudo_path: Path | None, out: Path, device: torch.device,
                progress: bool = True) -> dict:
-    """Train (or resume, or reuse) the diffusion model in `out` and write pseudo_images.npz and grid.png."""
+    """Train (or resume, or reuse) the diffusion model in `out` and write pseudo_images.npz and grid.png.
+
+    With several processes all train (data parallel) and each samples the chunks k = rank, rank + size, ...;
+    rank 0 then assembles them (per-image seeds: the same images as one process) and writes; the others return {}.
+    """
+    world = current()
     s2 = cfg.stage2
     pseudo = load_npz(pseudo_path, ("label", "confidence", "is_labeled")) if pseudo_path else None
     labels = conditioning_labels(cfg, ds, pseudo)
     train_key = {"stage2_train": config_hash(s2, exclude=SAMPLING_FIELDS), "seed": cfg.runtime.seed,
                  "precision": cfg.runtime.precision, "hflip": cfg.data.hflip,
                  "labels": array_hash(labels), "dataset": ds.fingerprint}
-    retrained = reset_if_stale(out, train_key, TRAIN_FILES)
+    retrained = world.broadcast(reset_if_stale(out, train_key, TRAIN_FILES) if world.is_main else None)
 
     meta = {"network": s2.network, "img_channels": ds.image_shape[2], "image_size": ds.image_shape[0],
             "num_classes": ds.num_classes, "sigma_data": s2.sigma_data, "class_names": list(ds.class_names)}
@@ -65,15 +71,27 @@ def run_stage2(cfg: ExperimentConfig, ds: Dataset, pseudo_path: Path | None, out
         ema = train_diffusion(s2, images=ds.train_images, labels=labels, num_classes=ds.num_classes, out_dir=out,
                               device=device, precision=cfg.runtime.precision, seed=cfg.runtime.seed,
                               hflip=cfg.data.hflip, progress=progress)
-        save_diffusion(out / DIFFUSION, ema, meta)
+        if world.is_main:
+            save_diffusion(out / DIFFUSION, ema, meta)
 
     # Sampling: its own key, so new sampler settings regenerate without retraining.
     sample_key = {"model": train_key, **{k: getattr(s2, k) for k in SAMPLING_FIELDS}}
-    reset_if_stale(out, sample_key, ("chunks",), key_file="sample_key.json")
+    if world.is_main:
+        reset_if_stale(out, sample_key, ("chunks",), key_file="sample_key.json")
+    world.barrier()
     gen_labels, seeds = sample_seeds(cfg, ds.num_classes)
-    images = generate_chunks(ema, gen_labels, seeds, out / "chunks", s2.sample_chunk, sampler=s2.sampler,
-                             steps=s2.steps, guidance_scale=s2.guidance_scale, batch_size=s2.sample_batch_size,
-                             device=device, precision=cfg.runtime.precision, progress=progress)
+    sampling = dict(sampler=s2.sampler, steps=s2.steps, guidance_scale=s2.guidance_scale,
+                    batch_size=s2.sample_batch_size, device=device, precision=cfg.runtime.precision)
+    if world.distributed:
+        n_chunks = -(-len(seeds) // s2.sample_chunk)
+        generate_chunks(ema, gen_labels, seeds, out / "chunks", s2.sample_chunk,
+                        chunk_indices=list(range(world.rank, n_chunks, world.size)),
+                        progress=progress and world.is_main, **sampling)
+        world.barrier()
+        if not world.is_main:
+            return {}
+    images = generate_chunks(ema, gen_labels, seeds, out / "chunks", s2.sample_chunk, progress=progress,
+                             **sampling)
     save_npz(out / PSEUDO_IMAGES, images=images, labels=gen_labels, seeds=seeds,
              sampler=np.array(s2.sampler), steps=np.array(s2.steps), guidance_scale=np.array(s2.guidance_scale))
     K = s2.images_per_class

@@ -15,6 +15,7 @@ import torch
 from ..artifacts import save_npz, write_json
 from ..classify.train import predict, save_classifier, train_classifier
 from ..config import ExperimentConfig
+from ..distributed import current
 from ..data.datasets import Dataset
 from ..evaluate.classification import confusion_matrix, per_class_accuracy, pseudo_label_report, top1
 
@@ -27,7 +28,11 @@ def fit_and_label(cfg: ExperimentConfig, ds: Dataset, labeled_idx: np.ndarray, o
                   x_pseudo: np.ndarray | None = None, y_pseudo: np.ndarray | None = None,
                   learner: str | None = None, iterations: int | None = None, pseudo_fraction: float = 0.0,
                   progress: bool = True) -> dict:
-    """Train the classifier into `out`, write classifier, pseudo-labels and metrics; return the metrics."""
+    """Train the classifier into `out`, write classifier, pseudo-labels and metrics; return the metrics.
+
+    With several processes all train (data parallel); rank 0 alone labels, measures and writes, the others
+    return {}.
+    """
     s1 = cfg.stage1 if learner is None else replace(cfg.stage1, learner=learner)
     x_lb, y_lb = ds.train_images[labeled_idx], ds.train_labels[labeled_idx]
     model = train_classifier(
@@ -35,6 +40,8 @@ def fit_and_label(cfg: ExperimentConfig, ds: Dataset, labeled_idx: np.ndarray, o
         out_dir=out, device=device, precision=cfg.runtime.precision, seed=cfg.runtime.seed,
         x_pseudo=x_pseudo, y_pseudo=y_pseudo, pseudo_fraction=pseudo_fraction, iterations=iterations,
         progress=progress)
+    if not current().is_main:
+        return {}
     save_classifier(out / CLASSIFIER, model, {
         "network": s1.network, "num_classes": ds.num_classes, "in_channels": ds.image_shape[2],
         "image_size": ds.image_shape[0], "class_names": list(ds.class_names)})

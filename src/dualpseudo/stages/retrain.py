@@ -13,6 +13,7 @@ import torch
 
 from ..artifacts import load_npz, write_json
 from ..config import ExperimentConfig
+from ..distributed import current
 from ..data.datasets import Dataset
 from .pseudo_labels import METRICS, fit_and_label
 
@@ -26,6 +27,8 @@ def run_stage3(cfg: ExperimentConfig, ds: Dataset, labeled_idx: np.ndarray, pseu
         cfg, ds, labeled_idx, out, device, x_pseudo=gen["images"], y_pseudo=gen["labels"],
         learner="supervised" if s3.mode == "supervised" else None,
         iterations=s3.iterations or None, pseudo_fraction=s3.pseudo_fraction, progress=progress)
+    if not current().is_main:
+        return metrics
     metrics["mode"] = s3.mode
     metrics["num_pseudo_images"] = int(len(gen["labels"]))
     if baseline_top1 is not None and "test" in metrics:
