@@ -45,7 +45,7 @@ class DataConfig:
 class Stage1Config:
     """Semi-supervised classifier that pseudo-labels every training image (FixMatch / FreeMatch / supervised)."""
 
-    learner: Literal["fixmatch", "freematch", "supervised"] = "freematch"
+    learner: Literal["fixmatch", "freematch", "supervised", "linear-probe"] = "freematch"  # see linear_probe
     network: str = "cnn_small"                        # a key of classify.networks.NETWORKS
     iterations: int = 3000
     batch_size: int = 64                              # labeled images per step
@@ -100,9 +100,42 @@ class Stage2Config:
 class Stage3Config:
     """Retraining on real data plus pseudo-images."""
 
-    mode: Literal["ssl", "supervised"] = "ssl"
+    mode: Literal["ssl", "supervised", "linear-probe"] = "ssl"  # linear-probe: refit on labeled + pseudo features
     pseudo_fraction: float = 0.5                      # share of pseudo-images in each labeled batch
     iterations: int = 0                               # 0: as many as stage 1
+
+
+@dataclass(frozen=True)
+class LinearProbeConfig:
+    """Frozen encoder + L2 logistic regression (the paper's ImageNet learner; classify/linear.py).
+
+    Used when stage1.learner or stage3.mode is `linear-probe`; ignored (and left out of stage hashes) otherwise.
+    """
+
+    encoder: Literal["pixels", "inception", "torchscript"] = "inception"
+    encoder_path: str | None = None                   # torchscript: the file; inception: None = fid-helper's copy
+    l2_strength: float = 0.0025                       # lambda of (1/N)[sum CE + lambda/2 ||W||^2] ("0.0025/N")
+    max_iter: int = 1000                              # L-BFGS iterations (full batch, float64)
+    shard_size: int = 10000                           # images per cached feature shard
+    batch_size: int = 256                             # images per encoder forward pass
+
+
+@dataclass(frozen=True)
+class LatentConfig:
+    """Stage 2 in an autoencoder's latent space (the paper's ImageNet recipe; diffuse/latent.py).
+
+    `autoencoder: none` keeps pixel-space diffusion (and leaves this section out of stage hashes).
+    """
+
+    autoencoder: Literal["none", "train", "sd"] = "none"  # train: a small KL autoencoder trained in-project;
+    autoencoder_path: str | None = None               # sd: folder with diffusers AutoencoderKL files (SD VAE)
+    latent_channels: int = 4                          # train: latent channels
+    width: int = 32                                   # train: channels of the first conv level
+    levels: int = 2                                   # train: downsampling by 2**levels
+    train_steps: int = 2000                           # train: Adam steps
+    batch_size: int = 64
+    lr: float = 1e-3
+    kl_weight: float = 1e-6                           # weight of KL(q(z|x) || N(0, I)) against the L1 reconstruction
 
 
 @dataclass(frozen=True)
@@ -137,6 +170,8 @@ class ExperimentConfig:
     stage1: Stage1Config = field(default_factory=Stage1Config)
     stage2: Stage2Config = field(default_factory=Stage2Config)
     stage3: Stage3Config = field(default_factory=Stage3Config)
+    linear_probe: LinearProbeConfig = field(default_factory=LinearProbeConfig)
+    latent: LatentConfig = field(default_factory=LatentConfig)
     evaluation: EvalConfig = field(default_factory=EvalConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     rounds: int = 1                                   # repeats of stages 2-3 with the newest pseudo-labels
@@ -188,6 +223,17 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "stage2.sample_chunk": (lambda v: v > 0, "> 0"),
     "stage3.pseudo_fraction": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "stage3.iterations": (lambda v: v >= 0, ">= 0"),
+    "linear_probe.l2_strength": (lambda v: v > 0, "> 0"),
+    "linear_probe.max_iter": (lambda v: v > 0, "> 0"),
+    "linear_probe.shard_size": (lambda v: v > 0, "> 0"),
+    "linear_probe.batch_size": (lambda v: v > 0, "> 0"),
+    "latent.latent_channels": (lambda v: v >= 1, ">= 1"),
+    "latent.width": (lambda v: v >= 4 and v % 2 == 0, "an even number >= 4"),
+    "latent.levels": (lambda v: v >= 1, ">= 1"),
+    "latent.train_steps": (lambda v: v > 0, "> 0"),
+    "latent.batch_size": (lambda v: v > 0, "> 0"),
+    "latent.lr": (lambda v: v > 0, "> 0"),
+    "latent.kl_weight": (lambda v: v >= 0, ">= 0"),
     "evaluation.fid_reference_images": (lambda v: v > 1, "> 1"),
     "evaluation.oracle_iterations": (lambda v: v > 0, "> 0"),
     "evaluation.pr_k": (lambda v: v >= 1, ">= 1"),
@@ -278,6 +324,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             if not isinstance(node, dict):
                 raise ConfigError(f"override '{item}': '{k}' is not a section")
         node[keys[-1]] = value
+    return _build(ExperimentConfig, data)
+
+
+def from_dict(data: dict) -> ExperimentConfig:
+    """Build a config from plain nested dicts (missing keys take their defaults); errors as `load_config`."""
     return _build(ExperimentConfig, data)
 
 

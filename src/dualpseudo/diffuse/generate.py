@@ -9,6 +9,7 @@ Samplers and guidance are in `samplers.py`.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -52,8 +53,11 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 def generate(net: torch.nn.Module, labels: np.ndarray | torch.Tensor, seeds: np.ndarray | list[int], *,
              sampler: str = "dpmpp_2m", steps: int = 20, guidance_scale: float = 1.0, batch_size: int = 250,
              device: torch.device | str = "cpu", precision: str = "fp32", sigma_min: float = 0.002,
-             sigma_max: float = 80.0) -> np.ndarray:
-    """Sample one image per (label, seed) from an EDMPrecond: labels (N,) int, seeds (N,) -> uint8 (N, H, W, C)."""
+             sigma_max: float = 80.0, decode: Callable[[torch.Tensor], np.ndarray] | None = None) -> np.ndarray:
+    """Sample one image per (label, seed) from an EDMPrecond: labels (N,) int, seeds (N,) -> uint8 (N, H, W, C).
+
+    `decode` maps the sampler's output (B, C, H, W) to uint8 images (latent diffusion); default `to_uint8`.
+    """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
     if len(labels) != len(seeds):
@@ -63,13 +67,14 @@ def generate(net: torch.nn.Module, labels: np.ndarray | torch.Tensor, seeds: np.
     seeds = np.asarray(seeds, dtype=np.int64)
     C, S = net.net.img_channels, net.net.image_size
     sigmas = edm_sigmas(steps, sigma_min, sigma_max, device=device)
-    out = np.empty((len(seeds), S, S, C), dtype=np.uint8)
+    decode = to_uint8 if decode is None else decode
+    out = []
     for start in range(0, len(seeds), batch_size):
         sl = slice(start, start + batch_size)
         x_T = initial_noise(seeds[sl], (C, S, S)).to(device) * sigmas[0]
         denoiser = conditional_denoiser(net, labels[sl].to(device), guidance_scale, device, precision)
-        out[sl] = to_uint8(SAMPLERS[sampler](denoiser, x_T, sigmas))
-    return out
+        out.append(decode(SAMPLERS[sampler](denoiser, x_T, sigmas)))
+    return np.concatenate(out) if out else np.empty((0, S, S, C), dtype=np.uint8)
 
 
 def chunk_path(out_dir: str | Path, index: int) -> Path:
@@ -91,23 +96,25 @@ def _valid_chunk(path: Path, labels: np.ndarray, seeds: np.ndarray, shape: tuple
 
 def generate_chunks(net: torch.nn.Module, labels: np.ndarray, seeds: np.ndarray, out_dir: str | Path,
                     chunk: int, *, chunk_indices: list[int] | None = None, progress: bool = False,
-                    **generate_kwargs) -> np.ndarray | None:
+                    image_shape: tuple[int, int, int] | None = None, **generate_kwargs) -> np.ndarray | None:
     """`generate` in chunks of `chunk` images saved as out_dir/chunk_XXXX.npz; valid chunks are reused.
 
     Returns all images (N, H, W, C) uint8, equal to one-shot `generate(net, labels, seeds, ...)`; with
-    `chunk_indices` (a shard of this process) only those chunks are made and None is returned.
+    `chunk_indices` (a shard of this process) only those chunks are made and None is returned. `image_shape`
+    (H, W, C) of the output images defaults to the network's (pixel space).
     """
     labels = np.asarray(labels, dtype=np.int64)
     seeds = np.asarray(seeds, dtype=np.int64)
     n_chunks = -(-len(seeds) // chunk)
     S, C = net.net.image_size, net.net.img_channels
+    shape = (S, S, C) if image_shape is None else tuple(image_shape)
     todo = range(n_chunks) if chunk_indices is None else chunk_indices
     if progress:
         from tqdm.auto import tqdm
         todo = tqdm(todo, desc="generate", unit="chunk")
     for k in todo:
         sl = slice(k * chunk, (k + 1) * chunk)
-        if _valid_chunk(chunk_path(out_dir, k), labels[sl], seeds[sl], (S, S, C)) is None:
+        if _valid_chunk(chunk_path(out_dir, k), labels[sl], seeds[sl], shape) is None:
             images = generate(net, labels[sl], seeds[sl], **generate_kwargs)
             save_npz(chunk_path(out_dir, k), images=images, labels=labels[sl], seeds=seeds[sl])
     if chunk_indices is not None:
@@ -115,8 +122,8 @@ def generate_chunks(net: torch.nn.Module, labels: np.ndarray, seeds: np.ndarray,
     parts = []
     for k in range(n_chunks):
         sl = slice(k * chunk, (k + 1) * chunk)
-        images = _valid_chunk(chunk_path(out_dir, k), labels[sl], seeds[sl], (S, S, C))
+        images = _valid_chunk(chunk_path(out_dir, k), labels[sl], seeds[sl], shape)
         if images is None:
             raise ArtifactError(f"{chunk_path(out_dir, k)} is missing or does not match its labels/seeds; rerun")
         parts.append(images)
-    return np.concatenate(parts) if parts else np.empty((0, S, S, C), np.uint8)
+    return np.concatenate(parts) if parts else np.empty((0, *shape), np.uint8)

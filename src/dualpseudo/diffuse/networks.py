@@ -212,3 +212,7 @@ NETWORKS: dict[str, Callable[[int, int, int], UNet]] = {
     "unet_small": unet_small,
     "unet_base": unet_base,
 }
+
+from .transformer import TRANSFORMERS  # noqa: E402  (the DiT sizes, same constructor signature)
+
+NETWORKS.update(TRANSFORMERS)

@@ -47,12 +47,16 @@ def _batch(images: torch.Tensor, labels: torch.Tensor, batch_size: int, hflip: b
            device: torch.device, part: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
     """A random batch: uint8 (N, H, W, C) -> float (b, C, H, W) in [-1, 1] channels_last, labels (b,).
 
+    float32 data (latents, N, H, W, C) are taken as they are.
+
     The global batch of `batch_size` is drawn (same `gen` on every process); `part` is this process's share.
     """
     idx = torch.randint(len(images), (batch_size,), generator=gen)
     flip = torch.rand(batch_size, generator=gen) < 0.5 if hflip else None
     idx = idx[part]
-    x = images[idx].to(device).permute(0, 3, 1, 2).float() / 127.5 - 1                # (b, C, H, W)
+    x = images[idx].to(device).permute(0, 3, 1, 2).float()                             # (b, C, H, W)
+    if images.dtype == torch.uint8:
+        x = x / 127.5 - 1
     if flip is not None:
         flip = flip[part].to(device)
         x = torch.where(flip[:, None, None, None], x.flip(3), x)
@@ -65,14 +69,16 @@ def train_diffusion(cfg: Stage2Config, *, images: np.ndarray, labels: np.ndarray
                     world: World | None = None) -> EDMPrecond:
     """Train (or resume, or just load when finished) and return the EMA EDMPrecond in eval mode.
 
-    images: uint8 (N, H, W, C); labels: int64 (N,) in [0, num_classes], num_classes = null (unconditional).
+    images: uint8 (N, H, W, C), or float32 latents (N, H, W, C) already scaled for the model; labels: int64 (N,)
+    in [0, num_classes], num_classes = null (unconditional).
     With several processes (`world`, default: the initialised process group) each trains on its share of every
     global batch with its own noise stream, DDP averages the gradients, and rank 0 alone writes files.
     """
     world = current() if world is None else world
     out_dir, device = Path(out_dir), torch.device(device)
-    if images.ndim != 4 or images.dtype != np.uint8 or images.shape[1] != images.shape[2]:
-        raise ValueError(f"images must be uint8 (N, H, W, C) with H == W, got {images.dtype} {images.shape}")
+    if images.ndim != 4 or images.dtype not in (np.uint8, np.float32) or images.shape[1] != images.shape[2]:
+        raise ValueError(f"images must be uint8 or float32 (N, H, W, C) with H == W, "
+                         f"got {images.dtype} {images.shape}")
     labels = np.asarray(labels, dtype=np.int64)
     if len(labels) != len(images) or labels.min() < 0 or labels.max() > num_classes:
         raise ValueError(f"labels must be (N,) = ({len(images)},) in [0, {num_classes}] ({num_classes} = null class)")
@@ -92,8 +98,9 @@ def train_diffusion(cfg: Stage2Config, *, images: np.ndarray, labels: np.ndarray
     data_x, data_y = torch.from_numpy(images), torch.from_numpy(labels)
     gen = torch.Generator().manual_seed(seed)                                           # batches (CPU)
     noise_gen = torch.Generator(device=device).manual_seed(seed + 1 + 1_000_003 * world.rank)  # sigma, noise, drop
+    data_sum = int(images[:, ::4, ::4].sum()) if images.dtype == np.uint8 else float(images[:, ::4, ::4].sum())
     train_hash = _training_hash(cfg, seed=seed, hflip=hflip, N=N, S=S, C=C, num_classes=num_classes,
-                                precision=precision, data=int(images[:, ::4, ::4].sum()), labels=int(labels.sum()))
+                                precision=precision, data=data_sum, labels=int(labels.sum()))
     nimg, stats = 0, []
 
     # resume

@@ -24,7 +24,7 @@ import yaml
 from .. import __version__, distributed, runtime
 from ..artifacts import (ArtifactError, file_hash, read_json, reset_if_stale, stage_status, write_json,
                          write_manifest, write_text)
-from ..config import ExperimentConfig, config_hash, load_config, to_dict, to_yaml
+from ..config import ConfigError, ExperimentConfig, config_hash, from_dict, load_config, to_dict, to_yaml
 from ..data.datasets import Dataset, load_dataset
 from ..data.splits import labeled_split, read_indices, split_record
 from ..rundir import RunDir
@@ -55,6 +55,10 @@ def check_run_dir(cfg: ExperimentConfig, run: RunDir, force: bool) -> None:
         old = yaml.safe_load(run.config.read_text()) or {}
     except yaml.YAMLError:
         old = {}
+    try:                                   # keys added to the config since, at their defaults, are no change
+        old = to_dict(from_dict(old))
+    except ConfigError:
+        pass
     new = to_dict(cfg)
     changed = sorted(_diff(old, new))
     if changed and not force:
@@ -116,7 +120,10 @@ def build_steps(cfg: ExperimentConfig, run: RunDir, ds: Dataset, stages: tuple[s
         m = fit_and_label(cfg, ds, idx, s1, device)
         return ["split.json", "classifier.safetensors", PSEUDO_LABELS, "metrics.json"], _summary(m)
 
-    steps.append(Step("stage1", s1, config_hash({"data": cfg.data, "stage1": cfg.stage1, **rt}),
+    # The linear-probe settings enter a stage's hash only where they are used, so other runs keep their hashes.
+    probe1 = {"linear_probe": cfg.linear_probe} if cfg.stage1.learner == "linear-probe" else {}
+    probe3 = {"linear_probe": cfg.linear_probe} if probe1 or cfg.stage3.mode == "linear-probe" else {}
+    steps.append(Step("stage1", s1, config_hash({"data": cfg.data, "stage1": cfg.stage1, **rt, **probe1}),
                       lambda: {"dataset": ds.fingerprint}, stage1))
     if last < 1:
         return steps
@@ -136,7 +143,9 @@ def build_steps(cfg: ExperimentConfig, run: RunDir, ds: Dataset, stages: tuple[s
                 return {"dataset": ds.fingerprint}
             return {"pseudo_labels": _hash_or_missing(labels_src)}
 
-        steps.append(Step(f"{tag}stage2", d2, config_hash({"stage2": cfg.stage2, "hflip": cfg.data.hflip, **rt}),
+        latent = {"latent": cfg.latent} if cfg.latent.autoencoder != "none" else {}
+        steps.append(Step(f"{tag}stage2", d2, config_hash({"stage2": cfg.stage2, "hflip": cfg.data.hflip, **rt,
+                                                           **latent}),
                           inputs2, stage2, resumable=()))
         if last >= 2:
             def stage3(d2=d2, d3=d3):
@@ -145,7 +154,7 @@ def build_steps(cfg: ExperimentConfig, run: RunDir, ds: Dataset, stages: tuple[s
                 return ["classifier.safetensors", PSEUDO_LABELS, "metrics.json"], _summary(m)
 
             steps.append(Step(f"{tag}stage3", d3, config_hash({"stage3": cfg.stage3, "stage1": cfg.stage1,
-                                                               "hflip": cfg.data.hflip, **rt}),
+                                                               "hflip": cfg.data.hflip, **rt, **probe3}),
                               lambda d2=d2: {"pseudo_images": _hash_or_missing(d2 / PSEUDO_IMAGES),
                                              "split": _hash_or_missing(s1 / "split.json")}, stage3))
         if last >= 3:
@@ -280,13 +289,18 @@ def sample_grid(run_root: Path, *, per_class: int, out: str | None, guidance_sca
         raise RunDirError(f"{path} does not exist; run `dualpseudo stage2` for this run directory first")
     device = runtime.setup(cfg.runtime)
     ema, meta = load_diffusion(path)
+    decode = None
+    if "latent" in meta:
+        from ..diffuse.latent import load_latent_decoder
+        decode = load_latent_decoder(meta, path.parent, device)
     C = meta["num_classes"]
     labels = np.repeat(np.arange(C), per_class)
     seeds = seed + np.arange(len(labels))
     images = generate(ema.to(device), labels, seeds, sampler=sampler or cfg.stage2.sampler,
                       steps=steps or cfg.stage2.steps,
                       guidance_scale=cfg.stage2.guidance_scale if guidance_scale is None else guidance_scale,
-                      batch_size=cfg.stage2.sample_batch_size, device=device, precision=cfg.runtime.precision)
+                      batch_size=cfg.stage2.sample_batch_size, device=device, precision=cfg.runtime.precision,
+                      decode=decode)
     target = Path(out) if out else run.root / "sample_grid.png"
     save_grid(target, images, rows=C, row_names=meta.get("class_names"))
     print(target)

@@ -3,6 +3,8 @@
 Labels come from the newest classifier's `pseudo_labels.npz` (labeled images carry their true label). With
 `stage2.min_confidence > 0`, images whose pseudo-label is less confident train as the null class (unconditional),
 a variant beyond the paper. `label_source: true` / `none` give the full-label and unconditional references.
+With `latent.autoencoder: train|sd` the model is trained on an autoencoder's latents and its samples are decoded
+(the paper's ImageNet recipe, diffuse/latent.py).
 """
 from __future__ import annotations
 
@@ -61,14 +63,20 @@ def run_stage2(cfg: ExperimentConfig, ds: Dataset, pseudo_path: Path | None, out
     train_key = {"stage2_train": config_hash(s2, exclude=SAMPLING_FIELDS), "seed": cfg.runtime.seed,
                  "precision": cfg.runtime.precision, "hflip": cfg.data.hflip,
                  "labels": array_hash(labels), "dataset": ds.fingerprint}
+    data, decode, image_shape, latent_meta = ds.train_images, None, None, {}
+    if cfg.latent.autoencoder != "none":                # latent diffusion: train/load the autoencoder, cache latents
+        data, decode, latent_meta = _latents(cfg, ds, out, device)
+        train_key["latent"] = config_hash(cfg.latent)
+        image_shape = tuple(ds.image_shape)
     retrained = world.broadcast(reset_if_stale(out, train_key, TRAIN_FILES) if world.is_main else None)
 
-    meta = {"network": s2.network, "img_channels": ds.image_shape[2], "image_size": ds.image_shape[0],
-            "num_classes": ds.num_classes, "sigma_data": s2.sigma_data, "class_names": list(ds.class_names)}
+    meta = {"network": s2.network, "img_channels": data.shape[3], "image_size": data.shape[1],
+            "num_classes": ds.num_classes, "sigma_data": s2.sigma_data, "class_names": list(ds.class_names),
+            **latent_meta}
     if (out / DIFFUSION).is_file() and not retrained:
         ema = load_diffusion(out / DIFFUSION)[0].to(device)
     else:
-        ema = train_diffusion(s2, images=ds.train_images, labels=labels, num_classes=ds.num_classes, out_dir=out,
+        ema = train_diffusion(s2, images=data, labels=labels, num_classes=ds.num_classes, out_dir=out,
                               device=device, precision=cfg.runtime.precision, seed=cfg.runtime.seed,
                               hflip=cfg.data.hflip, progress=progress)
         if world.is_main:
@@ -81,7 +89,8 @@ def run_stage2(cfg: ExperimentConfig, ds: Dataset, pseudo_path: Path | None, out
     world.barrier()
     gen_labels, seeds = sample_seeds(cfg, ds.num_classes)
     sampling = dict(sampler=s2.sampler, steps=s2.steps, guidance_scale=s2.guidance_scale,
-                    batch_size=s2.sample_batch_size, device=device, precision=cfg.runtime.precision)
+                    batch_size=s2.sample_batch_size, device=device, precision=cfg.runtime.precision,
+                    decode=decode, image_shape=image_shape)
     if world.distributed:
         n_chunks = -(-len(seeds) // s2.sample_chunk)
         generate_chunks(ema, gen_labels, seeds, out / "chunks", s2.sample_chunk,
@@ -101,6 +110,22 @@ def run_stage2(cfg: ExperimentConfig, ds: Dataset, pseudo_path: Path | None, out
     return {"num_images": int(len(images)), "images_per_class": K, "sampler": s2.sampler, "steps": s2.steps,
             "guidance_scale": s2.guidance_scale,
             "conditional_fraction": float((labels < ds.num_classes).mean())}
+
+
+def _latents(cfg: ExperimentConfig, ds: Dataset, out: Path, device: torch.device) -> tuple[np.ndarray, object, dict]:
+    """(scaled latents (N, h, w, c), their decoder, snapshot meta); rank 0 makes the cache, the others read it."""
+    from ..diffuse.latent import latent_decoder, prepare_latents
+
+    world = current()
+    kw = dict(data_key=ds.fingerprint, seed=cfg.runtime.seed, sigma_data=cfg.stage2.sigma_data, device=device)
+    if world.distributed:
+        if world.is_main:
+            prepare_latents(cfg.latent, ds.train_images, out, **kw)
+        world.barrier()
+    ae, latents, scale = prepare_latents(cfg.latent, ds.train_images, out, **kw)
+    meta = {"latent": {"autoencoder": cfg.latent.autoencoder, "autoencoder_path": cfg.latent.autoencoder_path,
+                       "scale": scale, "image_shape": list(ds.image_shape)}}
+    return latents, latent_decoder(ae, scale, device), meta
 
 
 SAMPLING_FIELDS = ("images_per_class", "sampler", "steps", "guidance_scale", "sample_batch_size", "sample_seed",

@@ -2,7 +2,9 @@
 
 `mode: ssl` adds the pseudo-images to the labeled set and trains the stage-1 learner again with the real
 unlabeled pool (the paper's CIFAR-10 recipe); `mode: supervised` trains on real labeled + pseudo-images only.
-`stage3.pseudo_fraction` sets the share of pseudo-images in each labeled batch.
+`stage3.pseudo_fraction` sets the share of pseudo-images in each labeled batch. `mode: linear-probe` refits the
+logistic regression on frozen-encoder features of the real labeled images plus the pseudo-images (the paper's
+ImageNet recipe; the unlabeled real images only give the centring mean and receive new labels).
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ def run_stage3(cfg: ExperimentConfig, ds: Dataset, labeled_idx: np.ndarray, pseu
     s3 = cfg.stage3
     metrics = fit_and_label(
         cfg, ds, labeled_idx, out, device, x_pseudo=gen["images"], y_pseudo=gen["labels"],
-        learner="supervised" if s3.mode == "supervised" else None,
+        learner={"supervised": "supervised", "linear-probe": "linear-probe"}.get(s3.mode),
         iterations=s3.iterations or None, pseudo_fraction=s3.pseudo_fraction, progress=progress)
     if not current().is_main:
         return metrics
