@@ -105,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    finally:
+        from .distributed import shutdown
+        shutdown()
     return 1
 
 

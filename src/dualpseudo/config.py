@@ -265,6 +265,11 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         raise ConfigError(f"{key}: {value!r} has the wrong type (expected {tp})")
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):         # YAML 1.1 reads "3e-4" (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp in (int, float, str, bool) and not (type(value) is tp):
         raise ConfigError(f"{key}: {value!r} has the wrong type (expected {tp.__name__})")
     return value

@@ -113,3 +113,9 @@ def init(device: torch.device) -> tuple[World, torch.device]:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(minutes=60))
     return World(dist.get_rank(), dist.get_world_size(), local_rank), device
+
+
+def shutdown() -> None:
+    """Leave the process group (if any) so its worker threads end before the interpreter does."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
