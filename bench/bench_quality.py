@@ -52,7 +52,7 @@ def stage1(args) -> None:
             times.append(read(d / "stage1" / "manifest.json").get("wall_time_s"))
         rows.append((learner, mean_std(accs), mean_std(pls), f"{statistics.median(t for t in times if t) / 60:.1f}",
                      len(accs)))
-    print(f"\n| learner | test top-1 (%) | pseudo-label acc. (%) | median wall time (min) | seeds |")
+    print("\n| learner | test top-1 (%) | pseudo-label acc. (%) | median wall time (min) | seeds |")
     print("|---|---|---|---|---|")
     for r in rows:
         print("| " + " | ".join(str(x) for x in r) + " |")

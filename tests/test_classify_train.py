@@ -39,7 +39,7 @@ def _run(cfg, out_dir, precision="fp32", **kw):
 def test_resume_equals_straight_run(tmp_path, learner):
     cfg = _cfg(learner=learner, p_cutoff=0.5)
     straight = _run(cfg, tmp_path / "a")
-    half = _run(cfg, tmp_path / "b", stop_at=4)
+    _run(cfg, tmp_path / "b", stop_at=4)
     assert load_torch(tmp_path / "b" / "state.pt")["step"] == 4
     resumed = _run(cfg, tmp_path / "b")
     for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):

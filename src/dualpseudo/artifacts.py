@@ -117,6 +117,30 @@ def load_torch(path: str | Path, map_location: str | torch.device = "cpu") -> An
         raise ArtifactError(f"{path} cannot be loaded safely ({first[:200]}); delete it to rebuild") from None
 
 
+def save_weights(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict, key: str) -> Path:
+    """Tensors as safetensors with `meta` as JSON in the header under `key`, written atomically."""
+    import safetensors.torch
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    return write_bytes(path, safetensors.torch.save(tensors, metadata={key: json.dumps(meta)}))
+
+
+def load_weights(path: str | Path, key: str, what: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, meta) from a file written by `save_weights`; no pickle involved. `what` names it in errors."""
+    import safetensors
+
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path} does not exist")
+    try:
+        with safetensors.safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = json.loads((f.metadata() or {})[key])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise ArtifactError(f"{path} is not a {what} ({type(e).__name__}: {e}); delete it to rebuild") from None
+    return tensors, meta
+
+
 def file_hash(path: str | Path) -> str:
     """sha256 (first 16 hex digits) of a file's bytes."""
     h = hashlib.sha256()

@@ -22,18 +22,16 @@ atomic .npz keyed by the encoder's identity and the hash of its images, so a rer
 """
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import safetensors.torch
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..artifacts import ArtifactError, array_hash, file_hash, load_npz, save_npz, write_bytes
+from ..artifacts import ArtifactError, array_hash, file_hash, load_npz, load_weights, save_npz, save_weights
 from ..evaluate.features import as_nhwc_uint8, extract_features
 from ..runtime import autocast
 
@@ -210,19 +208,13 @@ def probe_predict(probe: LinearProbe, feats: np.ndarray, batch_size: int = 65536
 
 def save_probe(path: str | Path, probe: LinearProbe, meta: dict) -> Path:
     """Write W (D, C) and mean (D,) as float64 safetensors with `meta` (encoder spec, num_classes, ...)."""
-    tensors = {"W": probe.W.detach().cpu().contiguous(), "mean": probe.mean.detach().cpu().contiguous()}
-    blob = safetensors.torch.save(tensors, metadata={META_KEY: json.dumps({"network": "linear-probe", **meta})})
-    return write_bytes(path, blob)
+    return save_weights(path, {"W": probe.W, "mean": probe.mean}, {"network": "linear-probe", **meta}, META_KEY)
 
 
 def load_probe(path: str | Path) -> tuple[LinearProbe, dict]:
     """(probe, meta) from a file written by `save_probe`; no pickle involved."""
-    path = Path(path)
+    tensors, meta = load_weights(path, META_KEY, "dualpseudo linear probe")
     try:
-        with safetensors.safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {})[META_KEY])
-        tensors = safetensors.torch.load_file(str(path))
         return LinearProbe(tensors["W"], tensors["mean"]), meta
-    except Exception as e:
-        raise ArtifactError(f"{path} is not a dualpseudo linear probe ({type(e).__name__}: {e}); "
-                            f"delete it to rebuild") from None
+    except KeyError as e:
+        raise ArtifactError(f"{path} is not a dualpseudo linear probe (missing {e}); delete it to rebuild") from None

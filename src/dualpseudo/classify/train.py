@@ -20,12 +20,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import safetensors.torch
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ..artifacts import ArtifactError, load_torch, save_torch, write_bytes, write_text
+from ..artifacts import ArtifactError, load_torch, load_weights, save_torch, save_weights, write_text
 from ..config import Stage1Config
 from ..distributed import World, current
 from ..runtime import autocast
@@ -308,23 +307,12 @@ def save_classifier(path: str | Path, model: nn.Module, meta: dict) -> Path:
     missing = [k for k in _META_KEYS if k not in meta]
     if missing:
         raise ValueError(f"save_classifier: meta lacks {missing} (needs {list(_META_KEYS)})")
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    blob = safetensors.torch.save(tensors, metadata={"dualpseudo_classifier": json.dumps(meta)})
-    return write_bytes(path, blob)
+    return save_weights(path, model.state_dict(), meta, "dualpseudo_classifier")
 
 
 def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
     """(model in eval mode, meta) from a file written by `save_classifier`; no pickle involved."""
-    path = Path(path)
-    if not path.is_file():
-        raise ArtifactError(f"{path} does not exist")
-    try:
-        with safetensors.safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {})["dualpseudo_classifier"])
-        tensors = safetensors.torch.load_file(str(path))
-    except Exception as e:
-        raise ArtifactError(f"{path} is not a dualpseudo classifier ({type(e).__name__}: {e}); "
-                            f"delete it to rebuild") from None
+    tensors, meta = load_weights(path, "dualpseudo_classifier", "dualpseudo classifier")
     model = build_network(meta["network"], int(meta["num_classes"]), int(meta["in_channels"]),
                           int(meta["image_size"]))
     model.load_state_dict(tensors)

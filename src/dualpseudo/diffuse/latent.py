@@ -17,15 +17,13 @@ once per stage directory and the scaled latents are cached in `latents.npz`, bot
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
-import safetensors.torch
 import torch
 from torch import nn
 
-from ..artifacts import ArtifactError, load_npz, save_npz, write_bytes
+from ..artifacts import ArtifactError, load_npz, load_weights, save_npz, save_weights
 from ..config import LatentConfig, config_hash
 
 SD_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
@@ -164,22 +162,12 @@ def latent_scale(latents: np.ndarray, sigma_data: float = 0.5) -> float:
 
 def save_autoencoder(path: str | Path, ae: KLAutoencoder, meta: dict | None = None) -> Path:
     """Weights as safetensors with the constructor config (+ `meta`) as JSON."""
-    tensors = {k: v.detach().cpu().contiguous() for k, v in ae.state_dict().items()}
-    meta = {**ae.config, **(meta or {})}
-    blob = safetensors.torch.save(tensors, metadata={"dualpseudo_autoencoder": json.dumps(meta)})
-    return write_bytes(path, blob)
+    return save_weights(path, ae.state_dict(), {**ae.config, **(meta or {})}, "dualpseudo_autoencoder")
 
 
 def load_autoencoder(path: str | Path) -> tuple[KLAutoencoder, dict]:
     """(autoencoder in eval mode, meta) from a file written by `save_autoencoder`."""
-    path = Path(path)
-    try:
-        with safetensors.safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {})["dualpseudo_autoencoder"])
-        tensors = safetensors.torch.load_file(str(path))
-    except Exception as e:
-        raise ArtifactError(f"{path} is not a dualpseudo autoencoder ({type(e).__name__}: {e}); "
-                            f"delete it to rebuild") from None
+    tensors, meta = load_weights(path, "dualpseudo_autoencoder", "dualpseudo autoencoder")
     ae = KLAutoencoder(meta["img_channels"], meta["latent_channels"], meta["width"], meta["levels"])
     ae.load_state_dict(tensors)
     return ae.eval(), meta

@@ -15,11 +15,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import safetensors.torch
 import torch
 from torch import nn
 
-from ..artifacts import ArtifactError, load_torch, save_torch, write_bytes, write_text
+from ..artifacts import ArtifactError, load_torch, load_weights, save_torch, save_weights, write_text
 from ..config import Stage2Config, config_hash
 from ..distributed import World, current
 from ..runtime import autocast
@@ -197,22 +196,12 @@ def save_diffusion(path: str | Path, ema: EDMPrecond, meta: dict) -> Path:
     missing = [k for k in required if k not in meta]
     if missing:
         raise ValueError(f"save_diffusion: meta lacks {missing}")
-    tensors = {k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()}
-    blob = safetensors.torch.save(tensors, metadata={"dualpseudo": json.dumps(meta)})
-    return write_bytes(path, blob)
+    return save_weights(path, ema.state_dict(), meta, "dualpseudo")
 
 
 def load_diffusion(path: str | Path, device: torch.device | str = "cpu") -> tuple[EDMPrecond, dict]:
     """Read a snapshot written by `save_diffusion` -> (EDMPrecond in eval mode, meta)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ArtifactError(f"{path} does not exist")
-    try:
-        with safetensors.safe_open(str(path), framework="pt", device="cpu") as f:
-            meta = json.loads(f.metadata()["dualpseudo"])
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:
-        raise ArtifactError(f"{path} is not a diffusion snapshot ({type(e).__name__}: {e}); delete it to rebuild") from None
+    tensors, meta = load_weights(path, "dualpseudo", "diffusion snapshot")
     net = build_model(meta["network"], meta["img_channels"], meta["image_size"], meta["num_classes"], meta["sigma_data"])
     net.load_state_dict(tensors)
     return net.to(device).eval().requires_grad_(False), meta
