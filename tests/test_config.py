@@ -18,6 +18,7 @@ def test_override_sets_nested_value_with_yaml_types():
     assert cfg.stage2.guidance_scale == 2.0 and isinstance(cfg.stage2.guidance_scale, float)
     assert cfg.data.labeled_indices is None
     assert load_config(None, ["stage2.lr=3e-4"]).stage2.lr == 3e-4
+    assert load_config(None, ["stage2.label_source=true"]).stage2.label_source == "true"
 
 
 @pytest.mark.parametrize("override, needle", [

@@ -248,6 +248,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Check `value` against the annotation `tp`; ints are accepted where floats are expected."""
     origin = typing.get_origin(tp)
     if origin is Literal:
+        if isinstance(value, bool) and str(value).lower() in typing.get_args(tp):
+            value = str(value).lower()                # YAML reads `true` as a bool; the option is the word
         if value not in typing.get_args(tp):
             raise ConfigError(f"{key}: {value!r} is not one of {list(typing.get_args(tp))}")
         return value
