@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from dualpseudo.artifacts import write_json, write_text
-from dualpseudo.report import save_grid, write_report
+from dualpseudo.figures import save_grid
+from dualpseudo.report import write_report
 from dualpseudo.rundir import RunDir
 
 C = 10

@@ -1,45 +1,14 @@
-"""Pictures and the run report: sample grids, training curves, confusion matrices, report.html and report.md."""
+"""The run report: headline table, sample grids, training curves, per-class results and the config, as a
+self-contained report.html (PNGs embedded) and report.md (PNGs under figures/). Pictures: figures.py."""
 from __future__ import annotations
 
 import base64
 import html
-import io
 import json
-import math
 import os
 from pathlib import Path
 
-import numpy as np
-
-from .artifacts import atomic_write
-
-
-def grid_image(images: np.ndarray, rows: int, row_names: list[str] | None = None, scale: int = 2):
-    """A PIL image of uint8 `images` (N, H, W, C) laid out in `rows` rows, with class names on the left."""
-    from PIL import Image, ImageDraw
-
-    n, h, w, c = images.shape
-    cols = -(-n // rows)
-    label_w = 90 if row_names else 0
-    pad = 2
-    canvas = Image.new("RGB", (label_w + cols * (w * scale + pad) + pad, rows * (h * scale + pad) + pad), "white")
-    draw = ImageDraw.Draw(canvas)
-    for i in range(n):
-        r, k = divmod(i, cols)
-        tile = images[i][..., 0] if c == 1 else images[i]
-        im = Image.fromarray(tile, "L" if c == 1 else "RGB").convert("RGB").resize((w * scale, h * scale), Image.NEAREST)
-        canvas.paste(im, (label_w + pad + k * (w * scale + pad), pad + r * (h * scale + pad)))
-    for r, name in enumerate(row_names or []):
-        draw.text((4, pad + r * (h * scale + pad) + h * scale // 2 - 6), str(name)[:14], fill="black")
-    return canvas
-
-
-def save_grid(path: str | Path, images: np.ndarray, rows: int, row_names: list[str] | None = None) -> Path:
-    """Write a PNG grid (one row per class when images are ordered class by class)."""
-    img = grid_image(images, rows, row_names)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return atomic_write(path, lambda f: f.write(buf.getvalue()))
+from .figures import bars_png, curves_png, heatmap_png, as_number
 
 
 # ------------------------------------------------------------------------------------------------ the run report
@@ -154,24 +123,21 @@ def _stats(path: Path) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------------- formatting
-def _num(x) -> float | None:
-    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
-
 
 def _pct(x) -> str:
-    return NA if _num(x) is None else f"{100 * x:.2f}%"
+    return NA if as_number(x) is None else f"{100 * x:.2f}%"
 
 
 def _pp(x) -> str:
-    return NA if _num(x) is None else f"{100 * x:+.2f} pp"
+    return NA if as_number(x) is None else f"{100 * x:+.2f} pp"
 
 
 def _f(x, digits: int = 3) -> str:
-    return NA if _num(x) is None else f"{x:.{digits}f}"
+    return NA if as_number(x) is None else f"{x:.{digits}f}"
 
 
 def _secs(x) -> str:
-    x = _num(x)
+    x = as_number(x)
     if x is None:
         return "not run yet"
     return f"{x:.1f} s" if x < 120 else f"{x / 60:.1f} min" if x < 7200 else f"{x / 3600:.2f} h"
@@ -179,7 +145,7 @@ def _secs(x) -> str:
 
 def _fid(ev: dict) -> str:
     fid = ev.get("fid") if isinstance(ev.get("fid"), dict) else {"fid": ev.get("fid")}
-    if _num(fid.get("fid")) is None:
+    if as_number(fid.get("fid")) is None:
         return "not measured" if ev else NA
     setting = lambda k: fid.get(k, ev.get(k))  # noqa: E731
     parts = [f"{setting('num_samples')} samples" if setting("num_samples") is not None else None,
@@ -251,7 +217,7 @@ def _curves_section(run, rounds: list[int]) -> list[Block]:
     for s, r in dirs:
         d, title = run.stage(s, r), what[s] + ("" if r == 1 else f", round {r}")
         rows = _stats(d / "stats.jsonl")
-        png = _curves_png(rows, title) if rows else None
+        png = curves_png(rows, title) if rows else None
         if png is None:
             out.append(("note", f"{title}: not run yet (no {(d / 'stats.jsonl').relative_to(run.root)})."))
         else:
@@ -266,7 +232,7 @@ def _per_class_section(run, rounds: list[int], s1: dict, names: list[str]) -> li
     rec = pl.get("per_class_recall", pl.get("recall"))
     if isinstance(prec, list) or isinstance(rec, list):
         series = {"precision": prec if isinstance(prec, list) else [], "recall": rec if isinstance(rec, list) else []}
-        png = _bars_png(series, names, "Stage-1 pseudo-labels (unlabeled pool)")
+        png = bars_png(series, names, "Stage-1 pseudo-labels (unlabeled pool)")
         out.append(("img", "pseudo_label_pr.png", png, "Per-class precision and recall of stage-1 pseudo-labels"))
     else:
         out.append(("note", "Stage 1 not run yet: no pseudo-label precision/recall."))
@@ -284,7 +250,7 @@ def _per_class_section(run, rounds: list[int], s1: dict, names: list[str]) -> li
                               "confusion_matrix"), f"cm_class_consistency_round{r}.png"))
     gallery, missing = [], []
     for title, cm, fname in matrices:
-        png = _heatmap_png(cm, names, title) if cm is not None else None
+        png = heatmap_png(cm, names, title) if cm is not None else None
         if png is not None:
             gallery.append((fname, png, f"Confusion matrix, {title} (rows: true class)"))
         else:
@@ -325,101 +291,6 @@ def _config_section(run, cfg_text: str | None) -> list[Block]:
     return out
 
 
-# ------------------------------------------------------------------------------------------------------ plots
-def _png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    return buf.getvalue()
-
-
-def _curves_png(rows: list[dict], title: str) -> bytes | None:
-    """One small panel per numeric key of `rows`, against `step` (classifier) or `kimg` (diffusion)."""
-    from matplotlib.figure import Figure
-
-    xkey = "step" if any("step" in r for r in rows) else "kimg" if any("kimg" in r for r in rows) else None
-    keys = [k for k in dict.fromkeys(k for r in rows for k in r)
-            if k not in (xkey, "time") and any(_num(r.get(k)) is not None for r in rows)]
-    if not keys:
-        return None
-    x = np.array([_num(r.get(xkey)) if xkey else i for i, r in enumerate(rows)], dtype=float)
-    cols = min(4, len(keys))
-    nrows = -(-len(keys) // cols)
-    fig = Figure(figsize=(3.2 * cols, 2.4 * nrows), layout="constrained")
-    axes = np.atleast_1d(fig.subplots(nrows, cols, squeeze=False)).reshape(-1)
-    for ax, k in zip(axes, keys):
-        y = np.array([np.nan if _num(r.get(k)) is None else r[k] for r in rows], dtype=float)
-        ok = np.isfinite(x) & np.isfinite(y)
-        ax.plot(x[ok], y[ok], lw=1.2, marker="." if ok.sum() < 30 else None)
-        if k.startswith("loss") and ok.any() and (y[ok] > 0).all() and y[ok].max() > 10 * y[ok].min():
-            ax.set_yscale("log")
-        ax.set_title(k, fontsize=10)
-        ax.set_xlabel(xkey or "log line", fontsize=8)
-        ax.tick_params(labelsize=8)
-        ax.grid(alpha=0.3)
-    for ax in axes[len(keys):]:
-        ax.set_visible(False)
-    fig.suptitle(title, fontsize=11)
-    return _png(fig)
-
-
-def _bars_png(series: dict[str, list], names: list[str], title: str) -> bytes:
-    """Grouped bars per class in [0, 1]; undefined values (None) are marked n/a."""
-    from matplotlib.figure import Figure
-
-    n = max([len(names)] + [len(v) for v in series.values()])
-    labels = (names + [str(i) for i in range(len(names), n)])[:n]
-    fig = Figure(figsize=(max(6.0, 0.7 * n + 2), 3.6), layout="constrained")
-    ax = fig.subplots()
-    width = 0.8 / max(1, len(series))
-    for j, (name, vals) in enumerate(series.items()):
-        xs = np.arange(n) + (j - (len(series) - 1) / 2) * width
-        ys = [_num(vals[i]) if i < len(vals) else None for i in range(n)]
-        ax.bar(xs, [0 if y is None else y for y in ys], width, label=name)
-        for xv, y in zip(xs, ys):
-            if y is None:
-                ax.text(xv, 0.02, "n/a", ha="center", va="bottom", rotation=90, fontsize=7)
-    ax.set_xticks(np.arange(n), labels, rotation=30, ha="right", fontsize=9)
-    ax.set_ylim(0, 1.2)
-    ax.set_yticks(np.linspace(0, 1, 6))
-    ax.set_title(title, fontsize=11)
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper right", ncol=len(series))
-    return _png(fig)
-
-
-def _heatmap_png(cm, names: list[str], title: str) -> bytes | None:
-    """Confusion matrix (rows true, columns predicted): colour = row-normalised share, text = count."""
-    from matplotlib.figure import Figure
-
-    try:
-        m = np.asarray(cm, dtype=float)
-    except (TypeError, ValueError):
-        return None
-    if m.ndim != 2 or m.shape[0] != m.shape[1] or m.shape[0] == 0:
-        return None
-    n = m.shape[0]
-    labels = names if len(names) == n else [str(i) for i in range(n)]
-    share = m / np.maximum(m.sum(axis=1, keepdims=True), 1)
-    size = max(4.0, 0.3 * n + 2.2)
-    fig = Figure(figsize=(size + 0.8, size), layout="constrained")
-    ax = fig.subplots()
-    im = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of true class")
-    if n <= 20:
-        for i in range(n):
-            for j in range(n):
-                ax.text(j, i, f"{m[i, j]:.0f}", ha="center", va="center", fontsize=6 if n > 10 else 7,
-                        color="white" if share[i, j] > 0.5 else "black")
-    ticks = np.arange(n) if n <= 40 else np.arange(0, n, max(1, n // 20))
-    ax.set_xticks(ticks, [labels[t] for t in ticks], rotation=45, ha="right", fontsize=8)
-    ax.set_yticks(ticks, [labels[t] for t in ticks], fontsize=8)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title, fontsize=10)
-    return _png(fig)
-
-
-# -------------------------------------------------------------------------------------------------- rendering
 CSS = """
 body { font: 15px/1.5 -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif; color: #1f2328;
        max-width: 1100px; margin: 2em auto; padding: 0 1.5em; background: #fff; }

@@ -280,7 +280,7 @@ def sample_grid(run_root: Path, *, per_class: int, out: str | None, guidance_sca
     """`dualpseudo sample`: a grid with one row per class from a run's diffusion model."""
     from ..diffuse.generate import generate
     from ..diffuse.train import load_diffusion
-    from ..report import save_grid
+    from ..figures import save_grid
 
     run = RunDir(run_root)
     cfg = load_run_config(run)

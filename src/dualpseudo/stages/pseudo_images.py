@@ -19,7 +19,7 @@ from ..data.datasets import Dataset
 from ..distributed import current
 from ..diffuse.generate import generate_chunks
 from ..diffuse.train import load_diffusion, save_diffusion, train_diffusion
-from ..report import save_grid
+from ..figures import save_grid
 
 DIFFUSION = "diffusion.safetensors"
 PSEUDO_IMAGES = "pseudo_images.npz"
