@@ -4,7 +4,8 @@
     python bench/bench_quality.py e2e --labels 1 2 4 10 --seeds 0
 
 Each (setting, seed) is its own run directory under --root; finished runs are reused, interrupted ones resume,
-so the command can be stopped and restarted. `seed` sets both the labeled split and the training seed. Reported
+so the command can be stopped and restarted. Stage 1 of the config's own learner runs in the end-to-end run
+directory (`e2e-l{labels}-s{seed}`), so the two tables share it instead of training it twice. `seed` sets both the labeled split and the training seed. Reported
 models are the final EMA models; the test split is used for the reported number only.
 """
 from __future__ import annotations
@@ -37,12 +38,22 @@ def mean_std(xs: list[float]) -> str:
     return f"{100 * statistics.mean(xs):.2f} ± {100 * statistics.stdev(xs):.2f}"
 
 
+def config_learner(config: str) -> str:
+    """The stage-1 learner `config` selects (the loader fills in defaults)."""
+    from dualpseudo.config import load_config
+
+    return load_config(config).stage1.learner
+
+
 def stage1(args) -> None:
     rows = []
+    own = config_learner(args.config)
     for learner in args.learners:
         accs, pls, times = [], [], []
         for seed in args.seeds:
-            d = Path(args.root) / f"stage1-{learner}-l{args.labels}-s{seed}"
+            name = f"e2e-l{args.labels}-s{seed}" if learner == own and not args.set else \
+                f"stage1-{learner}-l{args.labels}-s{seed}"
+            d = Path(args.root) / name
             run([sys.executable, "-m", "dualpseudo", "stage1", args.config, "--run-dir", str(d),
                  "--set", f"stage1.learner={learner}", "--set", f"data.labels_per_class={args.labels}",
                  "--set", f"data.split_seed={seed}", "--set", f"runtime.seed={seed}", *args.set])
@@ -74,7 +85,7 @@ def e2e(args) -> None:
             print_rows.append((labels, seed, f"{100 * s1['test']['top1']:.2f}", f"{100 * s3['test']['top1']:.2f}",
                                f"{100 * s3['delta_top1']:+.2f}", f"{100 * s1['pseudo_labels']['accuracy']:.2f}",
                                f"{fid['fid']:.2f} ({fid['num_samples']}/{fid['num_reference']})" if fid else "—",
-                               f"{100 * ev['class_consistency']['accuracy']:.1f}" if ev else "—",
+                               f"{100 * ev['class_consistency']['accuracy']:.1f}" if ev.get("class_consistency") else "—",
                                f"{wall / 60:.0f}"))
     print("\n| labels/class | seed | stage-1 top-1 | stage-3 top-1 | change | pseudo-label acc. | FID (gen/ref) "
           "| class consistency | wall time (min) |")

@@ -138,3 +138,23 @@ def test_help_has_examples(cmd, capsys):
         main([cmd, "--help"])
     assert e.value.code == 0
     assert "examples:" in capsys.readouterr().out
+
+
+def test_unconditional_reference_generator(smoke_run, tmp_path, capsys):
+    """label_source=none: null-class sampling without guidance, no class consistency, and no stage 3."""
+    run, base = smoke_run
+    import shutil
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    args = ["--run-dir", str(copy), "--set", f"evaluation.cache_dir={base / 'cache'}",
+            "--set", "stage2.label_source=none", "--force"]
+    assert run_cli("run", SMOKE, *args) == 0
+    out = capsys.readouterr().out
+    assert "[stage1] reused" in out and "[stage3]" not in out
+    gen = load_npz(copy / "stage2/pseudo_images.npz", ("images", "labels", "guidance_scale"))
+    assert np.all(gen["labels"] == 4) and float(gen["guidance_scale"]) == 0.0
+    ev = read_json(copy / "evaluation/metrics.json")
+    assert ev["unconditional"] is True and ev["class_consistency"] is None and ev["guidance_scale"] == 0.0
+    assert "precision_recall" in ev
+    assert run_cli("stage3", SMOKE, *args) == 2
+    assert "unconditional reference generator" in capsys.readouterr().err

@@ -67,15 +67,19 @@ def run_evaluation(cfg: ExperimentConfig, ds: Dataset, pseudo_images: Path, out:
     gen = load_npz(pseudo_images, ("images", "labels"))
     images, labels = gen["images"], gen["labels"]
     cache = Path(ev.cache_dir).expanduser()
+    unconditional = bool(len(labels)) and bool((labels >= ds.num_classes).all())
+    guidance = float(gen["guidance_scale"]) if "guidance_scale" in gen else cfg.stage2.guidance_scale
     metrics: dict = {"num_samples": int(len(labels)), "sampler": cfg.stage2.sampler, "steps": cfg.stage2.steps,
-                     "guidance_scale": cfg.stage2.guidance_scale}
+                     "guidance_scale": guidance, "unconditional": unconditional}
 
     oracle, meta = get_oracle(cfg, ds, cache, device, progress)
     metrics["oracle"] = {"network": meta.get("network"), "test_top1": meta.get("test_top1"),
                          "trained_on": "all training labels (evaluation only)"}
     classify = lambda x: predict(oracle, x, batch_size=ev.batch_size, device=device,  # noqa: E731
                                  precision=cfg.runtime.precision)
-    metrics["class_consistency"] = class_consistency(classify, images, labels, ds.num_classes, ev.batch_size)
+    # Unconditional images have no conditioning label to be consistent with.
+    metrics["class_consistency"] = None if unconditional else class_consistency(classify, images, labels,
+                                                                                 ds.num_classes, ev.batch_size)
 
     # Domain features: the oracle's penultimate layer.
     real_idx = reference_subset(ds, min(ev.fid_reference_images, len(ds.train_images)))
@@ -103,7 +107,7 @@ def run_evaluation(cfg: ExperimentConfig, ds: Dataset, pseudo_images: Path, out:
         gen_inc = extract_features(inc, images, batch_size=ev.batch_size, device=device, progress=progress,
                                    desc="Inception (generated)")
         metrics["fid"] = fid_report(gen_inc, ref_mu, ref_sigma, num_reference=len(real_idx),
-                                    feature_extractor=inc.extractor_id, guidance_scale=cfg.stage2.guidance_scale,
+                                    feature_extractor=inc.extractor_id, guidance_scale=guidance,
                                     sampler=cfg.stage2.sampler, steps=cfg.stage2.steps, method=ev.fid_method)
     write_json(out / "metrics.json", metrics)
     return metrics

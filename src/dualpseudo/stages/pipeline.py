@@ -109,6 +109,12 @@ def build_steps(cfg: ExperimentConfig, run: RunDir, ds: Dataset, stages: tuple[s
     rt = {"seed": cfg.runtime.seed, "precision": cfg.runtime.precision}
     last = max(ALL_STAGES.index(s) for s in stages)
     rounds = cfg.rounds if stages == ALL_STAGES else 1
+    unconditional = cfg.stage2.label_source == "none"     # the unconditional reference generator has no stage 3
+    if unconditional and stages == ("stage3",):
+        raise ConfigError("stage 3 needs class-conditional pseudo-images, but stage2.label_source=none trains the "
+                          "unconditional reference generator; evaluate it with `dualpseudo eval`")
+    if unconditional:
+        rounds = 1
     idx, source = labeled_indices(cfg, ds)
     s1 = run.stage1
     steps: list[Step] = []
@@ -147,7 +153,7 @@ def build_steps(cfg: ExperimentConfig, run: RunDir, ds: Dataset, stages: tuple[s
         steps.append(Step(f"{tag}stage2", d2, config_hash({"stage2": cfg.stage2, "hflip": cfg.data.hflip, **rt,
                                                            **latent}),
                           inputs2, stage2, resumable=()))
-        if last >= 2:
+        if last >= 2 and not unconditional:
             def stage3(d2=d2, d3=d3):
                 base = _stage1_top1(s1)
                 m = run_stage3(cfg, ds, idx, d2 / PSEUDO_IMAGES, d3, device, base)
@@ -164,7 +170,7 @@ def build_steps(cfg: ExperimentConfig, run: RunDir, ds: Dataset, stages: tuple[s
                     return ["metrics.json"], {}
                 m = run_evaluation(cfg, ds, d2 / PSEUDO_IMAGES, de, device)
                 return ["metrics.json"], {"fid": m.get("fid", {}).get("fid"),
-                                          "class_consistency": m["class_consistency"]["accuracy"],
+                                          "class_consistency": (m["class_consistency"] or {}).get("accuracy"),
                                           "precision": m["precision_recall"]["precision"],
                                           "recall": m["precision_recall"]["recall"]}
 

@@ -2,7 +2,9 @@
 
 Labels come from the newest classifier's `pseudo_labels.npz` (labeled images carry their true label). With
 `stage2.min_confidence > 0`, images whose pseudo-label is less confident train as the null class (unconditional),
-a variant beyond the paper. `label_source: true` / `none` give the full-label and unconditional references.
+a variant beyond the paper. `label_source: true` / `none` give the full-label and unconditional references; an
+unconditional model samples every image from the null class without guidance, and its pseudo_images.npz says so
+with label `num_classes` (stage 3 refuses such images).
 With `latent.autoencoder: train|sd` the model is trained on an autoencoder's latents and its samples are decoded
 (the paper's ImageNet recipe, diffuse/latent.py).
 """
@@ -88,7 +90,11 @@ def run_stage2(cfg: ExperimentConfig, ds: Dataset, pseudo_path: Path | None, out
         reset_if_stale(out, sample_key, ("chunks",), key_file="sample_key.json")
     world.barrier()
     gen_labels, seeds = sample_seeds(cfg, ds.num_classes)
-    sampling = dict(sampler=s2.sampler, steps=s2.steps, guidance_scale=s2.guidance_scale,
+    unconditional = s2.label_source == "none"
+    if unconditional:       # the null class for every image, no guidance: the class embeddings were never trained
+        gen_labels = np.full_like(gen_labels, ds.num_classes)
+    guidance = 0.0 if unconditional else s2.guidance_scale
+    sampling = dict(sampler=s2.sampler, steps=s2.steps, guidance_scale=guidance,
                     batch_size=s2.sample_batch_size, device=device, precision=cfg.runtime.precision,
                     decode=decode, image_shape=image_shape)
     if world.distributed:
@@ -102,13 +108,14 @@ def run_stage2(cfg: ExperimentConfig, ds: Dataset, pseudo_path: Path | None, out
     images = generate_chunks(ema, gen_labels, seeds, out / "chunks", s2.sample_chunk, progress=progress,
                              **sampling)
     save_npz(out / PSEUDO_IMAGES, images=images, labels=gen_labels, seeds=seeds,
-             sampler=np.array(s2.sampler), steps=np.array(s2.steps), guidance_scale=np.array(s2.guidance_scale))
+             sampler=np.array(s2.sampler), steps=np.array(s2.steps), guidance_scale=np.array(guidance))
     K = s2.images_per_class
     cols = min(K, 10)
     grid_idx = (np.arange(ds.num_classes)[:, None] * K + np.arange(cols)[None]).reshape(-1)
-    save_grid(out / GRID, images[grid_idx], rows=ds.num_classes, row_names=list(ds.class_names))
+    save_grid(out / GRID, images[grid_idx], rows=ds.num_classes,
+              row_names=None if unconditional else list(ds.class_names))
     return {"num_images": int(len(images)), "images_per_class": K, "sampler": s2.sampler, "steps": s2.steps,
-            "guidance_scale": s2.guidance_scale,
+            "guidance_scale": guidance, "unconditional": unconditional,
             "conditional_fraction": float((labels < ds.num_classes).mean())}
 
 
