@@ -1,12 +1,15 @@
 """Accuracy benchmarks on Fashion-MNIST: runs the CLI, then tabulates the run directories' metrics.
 
     python bench/bench_quality.py stage1 --learners fixmatch freematch supervised --seeds 0 1 2 --labels 4
-    python bench/bench_quality.py e2e --labels 1 2 4 10 --seeds 0
+    python bench/bench_quality.py stage1 --learners fixmatch freematch --seeds 0 --labels 4 \
+        --set stage1.iterations=10000 --tag long
+    python bench/bench_quality.py e2e --labels-list 1 2 4 10 --seeds 0
 
 Each (setting, seed) is its own run directory under --root; finished runs are reused, interrupted ones resume,
 so the command can be stopped and restarted. Stage 1 of the config's own learner runs in the end-to-end run
-directory (`e2e-l{labels}-s{seed}`), so the two tables share it instead of training it twice. `seed` sets both the labeled split and the training seed. Reported
-models are the final EMA models; the test split is used for the reported number only.
+directory (`e2e-l{labels}-s{seed}`), so the two tables share it instead of training it twice. `seed` sets both
+the labeled split and the training seed. Reported models are the final EMA models; the test split is used for
+the reported number only.
 """
 from __future__ import annotations
 
@@ -52,7 +55,7 @@ def stage1(args) -> None:
         accs, pls, times = [], [], []
         for seed in args.seeds:
             name = f"e2e-l{args.labels}-s{seed}" if learner == own and not args.set else \
-                f"stage1-{learner}-l{args.labels}-s{seed}"
+                f"stage1-{learner}-l{args.labels}-s{seed}{args.tag}"
             d = Path(args.root) / name
             run([sys.executable, "-m", "dualpseudo", "stage1", args.config, "--run-dir", str(d),
                  "--set", f"stage1.learner={learner}", "--set", f"data.labels_per_class={args.labels}",
@@ -73,7 +76,7 @@ def e2e(args) -> None:
     print_rows = []
     for labels in args.labels_list:
         for seed in args.seeds:
-            d = Path(args.root) / f"e2e-l{labels}-s{seed}"
+            d = Path(args.root) / f"e2e-l{labels}-s{seed}{args.tag}"
             run([sys.executable, "-m", "dualpseudo", "run", args.config, "--run-dir", str(d),
                  "--set", f"data.labels_per_class={labels}", "--set", f"data.split_seed={seed}",
                  "--set", f"runtime.seed={seed}", *args.set])
@@ -104,7 +107,11 @@ def main() -> None:
     p.add_argument("--learners", nargs="+", default=["fixmatch", "freematch", "supervised"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--set", action="append", default=[], help="passed to the CLI as --set")
+    p.add_argument("--tag", default="", help="suffix of the run directories; required with --set")
     args = p.parse_args()
+    if args.set and not args.tag:
+        p.error("--set changes the runs: give them their own directories with --tag NAME")
+    args.tag = f"-{args.tag}" if args.tag else ""
     args.set = [x for kv in args.set for x in ("--set", kv)]
     (stage1 if args.what == "stage1" else e2e)(args)
 
