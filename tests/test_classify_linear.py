@@ -161,6 +161,8 @@ def test_smoke_linear_probe_runs_all_three_stages(tmp_path):
     probe, meta = load_probe(run / "stage1/classifier.safetensors")
     assert meta["encoder"] == "pixels" and tuple(probe.W.shape) == (256, 4)
     assert len(list((run / "stage1/features/train").glob("shard_*.npz"))) == 3
+    # stage 3 reuses stage 1's features of the real images and caches only the pseudo-images' own
+    assert sorted(p.name for p in (run / "stage3/features").iterdir()) == ["pseudo"]
     assert (run / "evaluation/metrics.json").is_file() and (run / "report.html").is_file()
     # stage 2 ran in latent space: autoencoder, cached latents, decoded uint8 pseudo-images at the data's size
     z = load_npz(run / "stage2/latents.npz", ("latents", "scale"))

@@ -156,7 +156,8 @@ def build_steps(cfg: ExperimentConfig, run: RunDir, ds: Dataset, stages: tuple[s
         if last >= 2 and not unconditional:
             def stage3(d2=d2, d3=d3):
                 base = _stage1_top1(s1)
-                m = run_stage3(cfg, ds, idx, d2 / PSEUDO_IMAGES, d3, device, base)
+                shared = s1 / "features" if probe1 else None      # stage 1's cached features of the real images
+                m = run_stage3(cfg, ds, idx, d2 / PSEUDO_IMAGES, d3, device, base, feature_cache=shared)
                 return ["classifier.safetensors", PSEUDO_LABELS, "metrics.json"], _summary(m)
 
             steps.append(Step(f"{tag}stage3", d3, config_hash({"stage3": cfg.stage3, "stage1": cfg.stage1,

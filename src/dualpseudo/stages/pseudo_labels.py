@@ -32,15 +32,19 @@ METRICS = "metrics.json"
 def fit_and_label(cfg: ExperimentConfig, ds: Dataset, labeled_idx: np.ndarray, out: Path, device: torch.device, *,
                   x_pseudo: np.ndarray | None = None, y_pseudo: np.ndarray | None = None,
                   learner: str | None = None, iterations: int | None = None, pseudo_fraction: float = 0.0,
-                  progress: bool = True) -> dict:
+                  feature_cache: Path | None = None, progress: bool = True) -> dict:
     """Train the classifier into `out`, write classifier, pseudo-labels and metrics; return the metrics.
+
+    `feature_cache` (linear probe): where the real images' features are cached, default `out/features`; stage 3
+    passes stage 1's cache, whose shards are reused when their keys (extractor, image hash) match.
 
     With several processes all train (data parallel); rank 0 alone labels, measures and writes, the others
     return {}.
     """
     s1 = cfg.stage1 if learner is None else replace(cfg.stage1, learner=learner)
     if s1.learner == "linear-probe":
-        return _fit_and_label_probe(cfg, ds, labeled_idx, out, device, x_pseudo, y_pseudo, progress)
+        return _fit_and_label_probe(cfg, ds, labeled_idx, out, device, x_pseudo, y_pseudo, progress,
+                                    feature_cache or out / "features")
     x_lb, y_lb = ds.train_images[labeled_idx], ds.train_labels[labeled_idx]
     model = train_classifier(
         s1, x_lb=x_lb, y_lb=y_lb, x_ulb=ds.train_images, num_classes=ds.num_classes, hflip=cfg.data.hflip,
@@ -92,7 +96,7 @@ def _label_and_measure(ds: Dataset, labeled_idx: np.ndarray, out: Path, probs: n
 
 def _fit_and_label_probe(cfg: ExperimentConfig, ds: Dataset, labeled_idx: np.ndarray, out: Path,
                          device: torch.device, x_pseudo: np.ndarray | None, y_pseudo: np.ndarray | None,
-                         progress: bool) -> dict:
+                         progress: bool, feature_cache: Path) -> dict:
     """The linear-probe learner: cached encoder features, logistic regression, labels for every image.
 
     Features are centred with the mean over all real training images (stage 1 and 3 alike) and fitted on the
@@ -104,7 +108,8 @@ def _fit_and_label_probe(cfg: ExperimentConfig, ds: Dataset, labeled_idx: np.nda
     encoder = build_encoder(lp.encoder, lp.encoder_path, cfg.runtime.precision)
 
     def features(images: np.ndarray, name: str) -> np.ndarray:
-        return cached_features(encoder, images, out / "features" / name, extractor_id=encoder.extractor_id,
+        cache = (out / "features" if name == "pseudo" else feature_cache) / name
+        return cached_features(encoder, images, cache, extractor_id=encoder.extractor_id,
                                shard_size=lp.shard_size, batch_size=lp.batch_size, device=device, progress=progress)
 
     f_train = features(ds.train_images, "train")                           # (N, D)

@@ -21,7 +21,8 @@ from .pseudo_labels import METRICS, fit_and_label
 
 
 def run_stage3(cfg: ExperimentConfig, ds: Dataset, labeled_idx: np.ndarray, pseudo_images: Path, out: Path,
-               device: torch.device, baseline_top1: float | None, progress: bool = True) -> dict:
+               device: torch.device, baseline_top1: float | None, progress: bool = True,
+               feature_cache: Path | None = None) -> dict:
     """Fit the classifier on real + pseudo-images; metrics include the change of test top-1 against stage 1."""
     gen = load_npz(pseudo_images, ("images", "labels"))
     if (gen["labels"] >= ds.num_classes).any():
@@ -31,7 +32,8 @@ def run_stage3(cfg: ExperimentConfig, ds: Dataset, labeled_idx: np.ndarray, pseu
     metrics = fit_and_label(
         cfg, ds, labeled_idx, out, device, x_pseudo=gen["images"], y_pseudo=gen["labels"],
         learner={"supervised": "supervised", "linear-probe": "linear-probe"}.get(s3.mode),
-        iterations=s3.iterations or None, pseudo_fraction=s3.pseudo_fraction, progress=progress)
+        iterations=s3.iterations or None, pseudo_fraction=s3.pseudo_fraction, feature_cache=feature_cache,
+        progress=progress)
     if not current().is_main:
         return metrics
     metrics["mode"] = s3.mode
