@@ -2,7 +2,7 @@
 
     python bench/bench_quality.py stage1 --learners fixmatch freematch supervised --seeds 0 1 2 --labels 4
     python bench/bench_quality.py stage1 --learners fixmatch freematch --seeds 0 --labels 4 \
-        --set stage1.iterations=10000 --tag long
+        --set stage1.iterations=8000 --tag long
     python bench/bench_quality.py e2e --labels-list 1 2 4 10 --seeds 0
 
 Each (setting, seed) is its own run directory under --root; finished runs are reused, interrupted ones resume,

@@ -179,6 +179,15 @@ def test_imagenet_config_loads_and_uses_the_linear_probe():
     assert cfg.latent.autoencoder == "sd" and cfg.stage2.network == "dit_l"
 
 
+def test_fashion_mnist_linear_probe_config_is_the_latent_recipe():
+    from dualpseudo.diffuse.networks import NETWORKS
+    cfg = load_config(str(ROOT / "configs" / "fashion_mnist_linear_probe.yaml"))
+    assert cfg.stage1.learner == "linear-probe" and cfg.stage3.mode == "linear-probe"
+    assert cfg.latent.autoencoder == "train" and cfg.latent.levels == 2
+    net = NETWORKS[cfg.stage2.network](cfg.latent.latent_channels, 28 // 2 ** cfg.latent.levels, 10)
+    assert net.grid == 4                                    # 7x7 latents, patch 2, padded to 4x4 tokens
+
+
 def test_inception_encoder_gives_pool3_features(tmp_path):
     from dualpseudo.evaluate.inception import default_inception_path
     if default_inception_path() is None:
