@@ -42,6 +42,31 @@ def test_training_lowers_reconstruction_error_and_round_trips(tmp_path):
     np.testing.assert_array_equal(encode_images(loaded, images), z)
 
 
+def test_autoencoder_training_resumes_to_the_same_weights(tmp_path):
+    """8 steps straight == 4 steps, a new process's worth of objects, then resume to 8 (same key)."""
+    images = _images()
+    kw = dict(batch_size=8, lr=3e-3, seed=0, checkpoint_every=2)
+
+    def fresh(init_seed=0):
+        torch.manual_seed(init_seed)
+        return KLAutoencoder(1, latent_channels=4, width=8, levels=2)
+
+    straight = fresh()
+    log_a = train_autoencoder(straight, images, steps=8, **kw)
+    state = tmp_path / "ae_state.pt"
+    train_autoencoder(fresh(), images, steps=4, state_path=state, key="k", **kw)
+    resumed = fresh(init_seed=1)            # other initial weights: only a real resume can match `straight`
+    log_b = train_autoencoder(resumed, images, steps=8, state_path=state, key="k", **kw)
+    assert len(log_b) == 8 and [r["loss"] for r in log_b] == pytest.approx([r["loss"] for r in log_a], rel=1e-5)
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    # a state saved under another key is not resumed: training starts over from the model's own weights
+    other = fresh(init_seed=1)
+    log_c = train_autoencoder(other, images, steps=8, state_path=state, key="other", **kw)
+    assert len(log_c) == 8 and log_c[0]["loss"] != pytest.approx(log_a[0]["loss"], rel=1e-5)
+    assert not torch.allclose(other.decoder[-1].weight, straight.decoder[-1].weight)
+
+
 def test_missing_stable_diffusion_vae_names_the_files(tmp_path):
     with pytest.raises(FileNotFoundError, match=SD_FILES[1]):
         SDAutoencoder(tmp_path / "sd-vae")

@@ -23,11 +23,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..artifacts import ArtifactError, load_npz, load_weights, save_npz, save_weights
+from tqdm.auto import tqdm
+
+from ..artifacts import ArtifactError, load_npz, load_torch, load_weights, save_npz, save_torch, save_weights
 from ..config import LatentConfig, config_hash
 
 SD_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
 AUTOENCODER = "autoencoder.safetensors"
+AE_STATE = "autoencoder_state.pt"
 LATENTS = "latents.npz"
 
 
@@ -111,14 +114,39 @@ def _to_float(images_uint8: np.ndarray, device: torch.device) -> torch.Tensor:
 
 def train_autoencoder(ae: KLAutoencoder, images_uint8: np.ndarray, *, steps: int, batch_size: int = 64,
                       lr: float = 1e-3, kl_weight: float = 1e-6, seed: int = 0,
-                      device: str | torch.device = "cpu") -> list[dict]:
-    """Adam on random batches of uint8 (N, H, W, C) images; returns the per-step losses."""
+                      device: str | torch.device = "cpu", state_path: str | Path | None = None, key: str = "",
+                      checkpoint_every: int = 250, progress: bool = False) -> list[dict]:
+    """Adam on random batches of uint8 (N, H, W, C) images; returns the per-step losses.
+
+    With `state_path`, the model, optimizer, batch generator, step and losses are saved every `checkpoint_every`
+    steps and at the end; a later call with the same `key` resumes from that state (on CPU, N steps straight and
+    N/2 + resume + N/2 give the same weights), a state with another key is ignored and overwritten.
+    """
     device = torch.device(device)
     ae.to(device).train()
     opt = torch.optim.Adam(ae.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed)
-    log = []
-    for _ in range(steps):
+    log: list[dict] = []
+    start = 0
+    if state_path is not None and Path(state_path).is_file():
+        try:
+            st = load_torch(state_path, map_location=device)
+            if st.get("key") == key:
+                ae.load_state_dict(st["model"])
+                opt.load_state_dict(st["optimizer"])
+                g.set_state(st["generator"].cpu())
+                start, log = int(st["step"]), list(st["log"])
+        except (ArtifactError, KeyError, RuntimeError):
+            start, log = 0, []                          # unusable state: train from scratch
+
+    def save(step: int) -> None:
+        if state_path is not None:
+            save_torch(state_path, {"key": key, "model": ae.state_dict(), "optimizer": opt.state_dict(),
+                                    "generator": g.get_state(), "step": step, "log": log})
+
+    bar = tqdm(total=steps, initial=start, desc="stage2 autoencoder", unit="step", disable=not progress,
+               dynamic_ncols=True)
+    for step in range(start, steps):
         idx = torch.randint(len(images_uint8), (batch_size,), generator=g).numpy()
         noise_gen = g if device.type == "cpu" else None
         loss, parts = autoencoder_loss(ae, _to_float(images_uint8[idx], device), kl_weight, noise_gen)
@@ -126,6 +154,14 @@ def train_autoencoder(ae: KLAutoencoder, images_uint8: np.ndarray, *, steps: int
         loss.backward()
         opt.step()
         log.append({"loss": float(loss.detach()), **parts})
+        bar.update(1)
+        if (step + 1) % 25 == 0:
+            bar.set_postfix(recon_l1=f"{np.mean([r['recon_l1'] for r in log[-25:]]):.4f}")
+        if (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+            save(step + 1)
+    bar.close()
+    if start < steps:
+        save(steps)
     ae.eval()
     return log
 
@@ -175,7 +211,7 @@ def load_autoencoder(path: str | Path) -> tuple[KLAutoencoder, dict]:
 
 # ---------------------------------------------------------------------------------------------- stage-2 helpers
 def _autoencoder(cfg: LatentConfig, images_uint8: np.ndarray, out_dir: Path, key: str, seed: int,
-                 device: torch.device) -> nn.Module:
+                 device: torch.device, progress: bool = False) -> nn.Module:
     """The stage's autoencoder: the SD VAE at `autoencoder_path`, or a KLAutoencoder trained once and kept."""
     if cfg.autoencoder == "sd":
         if not cfg.autoencoder_path:
@@ -193,18 +229,21 @@ def _autoencoder(cfg: LatentConfig, images_uint8: np.ndarray, out_dir: Path, key
     ae = KLAutoencoder(images_uint8.shape[-1] if images_uint8.ndim == 4 else 1, cfg.latent_channels, cfg.width,
                        cfg.levels)
     log = train_autoencoder(ae, images_uint8, steps=cfg.train_steps, batch_size=cfg.batch_size, lr=cfg.lr,
-                            kl_weight=cfg.kl_weight, seed=seed, device=device)
+                            kl_weight=cfg.kl_weight, seed=seed, device=device, state_path=out_dir / AE_STATE,
+                            key=key, progress=progress)
     save_autoencoder(path, ae, {"key": key, "final_recon_l1": float(np.mean([r["recon_l1"] for r in log[-20:]]))})
     return ae
 
 
 def prepare_latents(cfg: LatentConfig, images_uint8: np.ndarray, out_dir: str | Path, *, data_key: str,
                     seed: int = 0, sigma_data: float = 0.5, batch_size: int = 256,
-                    device: str | torch.device = "cpu") -> tuple[nn.Module, np.ndarray, float]:
-    """(autoencoder, latents float32 (N, h, w, c) scaled to std sigma_data, scale); cached in `out_dir`."""
+                    device: str | torch.device = "cpu", progress: bool = False) -> tuple[nn.Module, np.ndarray, float]:
+    """(autoencoder, latents float32 (N, h, w, c) scaled to std sigma_data, scale); cached in `out_dir`.
+
+    The in-project autoencoder's training is resumable (`autoencoder_state.pt`)."""
     out_dir, device = Path(out_dir), torch.device(device)
     key = config_hash({"latent": cfg, "data": data_key, "seed": seed})
-    ae = _autoencoder(cfg, images_uint8, out_dir, key, seed, device)
+    ae = _autoencoder(cfg, images_uint8, out_dir, key, seed, device, progress)
     path = out_dir / LATENTS
     if path.is_file():
         try:

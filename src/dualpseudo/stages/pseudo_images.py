@@ -67,7 +67,7 @@ def run_stage2(cfg: ExperimentConfig, ds: Dataset, pseudo_path: Path | None, out
                  "labels": array_hash(labels), "dataset": ds.fingerprint}
     data, decode, image_shape, latent_meta = ds.train_images, None, None, {}
     if cfg.latent.autoencoder != "none":                # latent diffusion: train/load the autoencoder, cache latents
-        data, decode, latent_meta = _latents(cfg, ds, out, device)
+        data, decode, latent_meta = _latents(cfg, ds, out, device, progress)
         train_key["latent"] = config_hash(cfg.latent)
         image_shape = tuple(ds.image_shape)
     retrained = world.broadcast(reset_if_stale(out, train_key, TRAIN_FILES) if world.is_main else None)
@@ -119,12 +119,14 @@ def run_stage2(cfg: ExperimentConfig, ds: Dataset, pseudo_path: Path | None, out
             "conditional_fraction": float((labels < ds.num_classes).mean())}
 
 
-def _latents(cfg: ExperimentConfig, ds: Dataset, out: Path, device: torch.device) -> tuple[np.ndarray, object, dict]:
+def _latents(cfg: ExperimentConfig, ds: Dataset, out: Path, device: torch.device,
+             progress: bool = True) -> tuple[np.ndarray, object, dict]:
     """(scaled latents (N, h, w, c), their decoder, snapshot meta); rank 0 makes the cache, the others read it."""
     from ..diffuse.latent import latent_decoder, prepare_latents
 
     world = current()
-    kw = dict(data_key=ds.fingerprint, seed=cfg.runtime.seed, sigma_data=cfg.stage2.sigma_data, device=device)
+    kw = dict(data_key=ds.fingerprint, seed=cfg.runtime.seed, sigma_data=cfg.stage2.sigma_data, device=device,
+              progress=progress and world.is_main)
     if world.distributed:
         if world.is_main:
             prepare_latents(cfg.latent, ds.train_images, out, **kw)
