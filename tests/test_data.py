@@ -116,6 +116,42 @@ def test_image_folder_and_unreadable_image(tmp_path):
         load_dataset(DataConfig(name="folder", root=str(tmp_path)))
 
 
+def test_image_folder_cache_is_a_memory_map_reused_until_a_file_changes(tmp_path, monkeypatch):
+    import os
+
+    from PIL import Image
+
+    from dualpseudo.data import datasets
+
+    root = tmp_path / "imgs"
+    for split, n in (("train", 3), ("test", 1)):
+        for c, cls in enumerate(("cat", "dog")):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(np.full((8, 8), 10 * i + 100 * c, np.uint8)).save(root / split / cls / f"{i}.png")
+    cfg = DataConfig(name="folder", root=str(root))
+    plain = load_dataset(cfg)
+    cached = load_dataset(cfg, cache_dir=tmp_path / "cache")
+    assert isinstance(cached.train_images, np.memmap) and not cached.train_images.flags.writeable
+    np.testing.assert_array_equal(cached.train_images, plain.train_images)
+    np.testing.assert_array_equal(cached.test_labels, plain.test_labels)
+    assert cached.fingerprint == plain.fingerprint and cached.image_shape == (8, 8, 1)
+    assert len(list((tmp_path / "cache" / "data").glob("folder-*.npy"))) == 2          # train and test
+
+    def no_decoding(*a, **k):
+        raise AssertionError("decoded an image although the cache is valid")
+    monkeypatch.setattr(datasets, "_read_image", no_decoding)
+    again = load_dataset(cfg, cache_dir=tmp_path / "cache")
+    np.testing.assert_array_equal(again.train_images, plain.train_images)
+    monkeypatch.undo()
+
+    changed = root / "train" / "dog" / "0.png"
+    Image.fromarray(np.full((8, 8), 7, np.uint8)).save(changed)
+    os.utime(changed, ns=(1, 1))                                        # a new mtime, whatever the clock
+    fresh = load_dataset(cfg, cache_dir=tmp_path / "cache")
+    assert int(fresh.train_images[3, 0, 0, 0]) == 7 and fresh.fingerprint != plain.fingerprint
+
+
 def test_synthetic_is_deterministic():
     a, b = make_synthetic(seed=3), make_synthetic(seed=3)
     assert a.fingerprint == b.fingerprint and a.train_images.shape == (256, 16, 16, 1)

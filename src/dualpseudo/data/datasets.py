@@ -3,6 +3,9 @@
 Readers for Fashion-MNIST / MNIST (IDX files, gzipped or not), CIFAR-10 (python pickle batches, read with a
 restricted unpickler that cannot run code), a folder of class sub-folders of images, and a synthetic dataset
 for tests. Every problem with the files raises `DataError` with a one-line message naming the file.
+
+An image folder is decoded once into a memory-mapped uint8 array in a cache directory (keyed by every file's
+path, size and modification time), so ImageNet-sized folders need disk, not RAM, and later runs skip decoding.
 """
 from __future__ import annotations
 
@@ -10,7 +13,9 @@ import gzip
 import hashlib
 import io
 import pickle
+import os
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -45,25 +50,32 @@ class Dataset:
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(self.train_images.shape[1:])
 
-    @property
+    @cached_property
     def fingerprint(self) -> str:
-        """sha256 (16 hex digits) of every image and label, train and test."""
+        """sha256 (16 hex digits) of every image and label, train and test (read in blocks: memory-mapped
+        arrays are never loaded whole)."""
         h = hashlib.sha256(self.name.encode())
         for a in (self.train_images, self.train_labels, self.test_images, self.test_labels):
             h.update(str(a.shape).encode())
-            h.update(np.ascontiguousarray(a).tobytes())
+            step = max(1, (64 << 20) // max(1, a[:1].nbytes))
+            for i in range(0, len(a), step):
+                h.update(np.ascontiguousarray(a[i:i + step]).tobytes())
         return h.hexdigest()[:16]
 
 
-def load_dataset(cfg: DataConfig) -> Dataset:
-    """Read the dataset named by `cfg`, check it, and apply `train_limit`/`test_limit`."""
+def load_dataset(cfg: DataConfig, cache_dir: str | Path | None = None) -> Dataset:
+    """Read the dataset named by `cfg`, check it, and apply `train_limit`/`test_limit`.
+
+    `cache_dir`: where an image folder's decoded, memory-mapped copy lives (`<cache_dir>/data/`); None decodes
+    the folder into memory on every call.
+    """
     if cfg.name in ("fashion_mnist", "mnist"):
         names = FASHION_MNIST_CLASSES if cfg.name == "fashion_mnist" else [str(i) for i in range(10)]
         ds = _load_idx_dataset(cfg.name, Path(cfg.root), names)
     elif cfg.name == "cifar10":
         ds = _load_cifar10(Path(cfg.root))
     elif cfg.name == "folder":
-        ds = _load_folder(Path(cfg.root))
+        ds = _load_folder(Path(cfg.root), Path(cache_dir).expanduser() / "data" if cache_dir else None)
     else:
         ds = make_synthetic(cfg.synthetic_classes, cfg.synthetic_train_per_class, cfg.synthetic_test_per_class,
                             cfg.synthetic_size, cfg.synthetic_channels, seed=cfg.split_seed)
@@ -173,49 +185,98 @@ def _load_cifar10(root: Path) -> Dataset:
 
 
 # ---------------------------------------------------------------------------------------------- image folders
-def _read_folder_split(root: Path, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    from PIL import Image, UnidentifiedImageError
-
-    images, labels, mode, size = [], [], None, None
+def _list_folder_split(root: Path, classes: list[str]) -> tuple[list[Path], np.ndarray]:
+    """Image files of `root/<class>/` (classes in the given order, files sorted) and their labels."""
+    files, labels = [], []
     for c, cls in enumerate(classes):
         folder = root / cls
         if not folder.is_dir():
             continue
         for p in sorted(folder.iterdir()):
-            if p.suffix.lower() not in IMAGE_SUFFIXES:
-                continue
-            try:
-                with Image.open(p) as im:
-                    im.load()
-                    if mode is None:
-                        mode = "L" if im.mode in ("L", "1", "I;16", "I") else "RGB"
-                    arr = np.asarray(im.convert(mode), dtype=np.uint8)
-            except (UnidentifiedImageError, OSError, SyntaxError) as e:
-                raise DataError(f"cannot read image {p} ({e})") from None
-            if size is None:
-                size = arr.shape[:2]
-            elif arr.shape[:2] != size:
-                raise DataError(f"image {p} is {arr.shape[1]}x{arr.shape[0]}, others are {size[1]}x{size[0]}")
-            images.append(arr.reshape(*size, -1))
-            labels.append(c)
-    if not images:
+            if p.suffix.lower() in IMAGE_SUFFIXES:
+                files.append(p)
+                labels.append(c)
+    return files, np.asarray(labels, np.int64)
+
+
+def _read_image(p: Path, mode: str | None) -> tuple[np.ndarray, str]:
+    """(uint8 (H, W, C), mode): grey images stay one channel, everything else becomes RGB."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(p) as im:
+            im.load()
+            mode = mode or ("L" if im.mode in ("L", "1", "I;16", "I") else "RGB")
+            arr = np.asarray(im.convert(mode), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise DataError(f"cannot read image {p} ({e})") from None
+    return arr.reshape(*arr.shape[:2], -1), mode
+
+
+def _decode_into(files: list[Path], out: np.ndarray | None, desc: str) -> np.ndarray:
+    """Decode `files` into `out` (N, H, W, C) uint8, or into a new array when `out` is None."""
+    from tqdm.auto import tqdm
+
+    first, mode = _read_image(files[0], None)
+    if out is None:
+        out = np.empty((len(files), *first.shape), np.uint8)
+    for i, p in enumerate(tqdm(files, desc=desc, unit="img", disable=len(files) < 5000, dynamic_ncols=True)):
+        arr = first if i == 0 else _read_image(p, mode)[0]
+        if arr.shape != first.shape:
+            raise DataError(f"image {p} is {arr.shape[1]}x{arr.shape[0]}, others are "
+                            f"{first.shape[1]}x{first.shape[0]}")
+        out[i] = arr
+    return out
+
+
+def _read_folder_split(root: Path, classes: list[str], cache: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+    files, labels = _list_folder_split(root, classes)
+    if not files:
         return np.zeros((0, 1, 1, 1), np.uint8), np.zeros(0, np.int64)
-    return np.stack(images), np.asarray(labels, np.int64)
+    if cache is None:
+        return _decode_into(files, None, f"decoding {root}"), labels
+    # The memory-mapped copy: keyed by every file's path, size and mtime, written whole before it is renamed.
+    h = hashlib.sha256(str(root.resolve()).encode())
+    for p, y in zip(files, labels):
+        st = p.stat()
+        h.update(f"{p.relative_to(root)}|{st.st_size}|{st.st_mtime_ns}|{y}\n".encode())
+    path = cache / f"folder-{h.hexdigest()[:20]}.npy"
+    if path.is_file():
+        try:
+            images = np.load(path, mmap_mode="r")
+            if len(images) == len(files) and images.dtype == np.uint8 and images.ndim == 4:
+                return images, labels
+        except (OSError, ValueError):
+            pass                                            # unreadable: decode again
+    shape = (len(files), *_read_image(files[0], None)[0].shape)
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+        _decode_into(files, out, f"decoding {root} into {path}")
+        out.flush()
+        del out
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return np.load(path, mmap_mode="r"), labels
 
 
-def _load_folder(root: Path) -> Dataset:
-    """`root/train/<class>/*.png` (+ optional `root/test/<class>/`), or `root/<class>/*.png` with no test set."""
+def _load_folder(root: Path, cache: Path | None = None) -> Dataset:
+    """`root/train/<class>/*.png` (+ optional `root/test/<class>/`), or `root/<class>/*.png` with no test set.
+
+    With `cache`, the decoded images are a read-only memory map of `cache/folder-<key>.npy`."""
     if not root.is_dir():
         raise DataError(f"image folder {root} does not exist")
     train_root = root / "train" if (root / "train").is_dir() else root
     classes = sorted(p.name for p in train_root.iterdir() if p.is_dir() and p.name != "test")
     if len(classes) < 2:
         raise DataError(f"{train_root} must hold one sub-folder of images per class (found {len(classes)})")
-    x, y = _read_folder_split(train_root, classes)
+    x, y = _read_folder_split(train_root, classes, cache)
     if len(x) == 0:
         raise DataError(f"no images found under {train_root}")
     if (root / "test").is_dir() and train_root != root:
-        tx, ty = _read_folder_split(root / "test", classes)
+        tx, ty = _read_folder_split(root / "test", classes, cache)
     else:
         tx, ty = np.zeros((0, *x.shape[1:]), np.uint8), np.zeros(0, np.int64)
     return Dataset(f"folder:{root.name}", x, y, tx, ty, tuple(classes))

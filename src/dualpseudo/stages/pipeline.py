@@ -216,7 +216,7 @@ def main(config_path: str, overrides: list[str], run_root: Path, stages: tuple[s
     cfg = load_config(config_path, overrides)
     run = RunDir(run_root)
     check_run_dir(cfg, run, force)
-    ds = load_dataset(cfg.data)
+    ds = load_dataset(cfg.data, cfg.evaluation.cache_dir)
     device = runtime.setup(cfg.runtime)
     world, device = distributed.init(device)
     steps = build_steps(cfg, run, ds, stages, device)
@@ -320,7 +320,7 @@ def evaluate_run(run_root: Path, overrides: list[str]) -> int:
     cfg = load_run_config(run)
     if overrides:
         cfg = load_config(run.config, overrides)
-    ds = load_dataset(cfg.data)
+    ds = load_dataset(cfg.data, cfg.evaluation.cache_dir)
     device = runtime.setup(cfg.runtime)
     steps = [s for s in build_steps(cfg, run, ds, ALL_STAGES, device) if s.name.endswith("evaluation")]
     for s in steps:
