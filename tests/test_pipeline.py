@@ -156,5 +156,7 @@ def test_unconditional_reference_generator(smoke_run, tmp_path, capsys):
     ev = read_json(copy / "evaluation/metrics.json")
     assert ev["unconditional"] is True and ev["class_consistency"] is None and ev["guidance_scale"] == 0.0
     assert "precision_recall" in ev
+    report = (copy / "report.md").read_text()
+    assert "none (unconditional reference generator)" in report and "Unconditional samples" in report
     assert run_cli("stage3", SMOKE, *args) == 2
     assert "unconditional reference generator" in capsys.readouterr().err

@@ -18,6 +18,8 @@ Block = tuple  # ("h", level, text) | ("p" | "note" | "pre", text) | ("table", h
 #                | ("img", name, png, caption) | ("gallery", [(name, png, caption), ...])
 STAGES = ("stage1", "stage2", "stage3", "evaluation")
 NA = "—"
+LABEL_SOURCES = {"true": "all true labels (full-label reference generator)",
+                 "none": "none (unconditional reference generator)"}
 
 
 def write_report(run) -> Path:
@@ -33,7 +35,7 @@ def write_report(run) -> Path:
     names = _class_names(_get(cfg, "data", "name"), _num_classes(run, rounds, s1))
     blocks: list[Block] = [("h", 1, f"DPT run report: {run.root.name}")]
     blocks += _headline(run, rounds, cfg, s1)
-    blocks += _grid_section(run, rounds)
+    blocks += _grid_section(run, rounds, _get(cfg, "stage2", "label_source") == "none")
     blocks += _curves_section(run, rounds)
     blocks += _per_class_section(run, rounds, s1, names)
     blocks += _config_section(run, cfg_text)
@@ -165,6 +167,9 @@ def _headline(run, rounds: list[int], cfg: dict, s1: dict) -> list[Block]:
             ["labeled images", str(split.get("num_labeled", NA))],
             ["stage-1 learner / network", f"{s1.get('learner', NA)} / {s1.get('network', NA)}"],
             ["DPT rounds", str(len(rounds))]]
+    source = _get(cfg, "stage2", "label_source", default="pseudo")
+    if source != "pseudo":                                   # a reference generator, not DPT
+        info.append(["stage-2 training labels", LABEL_SOURCES.get(source, str(source))])
     out: list[Block] = [("h", 2, "Summary"), ("table", ["run", "value"], info)]
     if not s1:
         out.append(("note", "Stage 1 not run yet (no stage1/metrics.json)."))
@@ -189,22 +194,33 @@ def _headline(run, rounds: list[int], cfg: dict, s1: dict) -> list[Block]:
         ("domain Fréchet distance (oracle features)", "evaluation", lambda m: _f(m.get("domain_fd"), 2)),
         ("oracle test top-1", "evaluation", lambda m: _pct(_get(m, "oracle", "test_top1"))),
     ]
-    cell = lambda m, fn: "" if m is None else fn(m) if m else "not run yet"  # noqa: E731
-    rows = [[label] + [cell(src[stage][r], fn) for r in rounds] for label, stage, fn in metrics]
+    # An unconditional generator has no stage 3 and no class for its images to be consistent with.
+    undefined = {label for label, stage, _ in metrics if source == "none" and
+                 (stage == "stage3" or label.startswith("class consistency"))}
+
+    def cell(label: str, m: dict | None, fn) -> str:
+        if label in undefined:
+            return "— (unconditional generator)"
+        return "" if m is None else fn(m) if m else "not run yet"
+    rows = [[label] + [cell(label, src[stage][r], fn) for r in rounds] for label, stage, fn in metrics]
     for s in STAGES:
         wall = [_get(_json(run.stage(s, r) / "manifest.json"), "wall_time_s") for r in rounds]
+        if s == "stage3" and source == "none":
+            rows.append([f"wall time, {s}"] + [NA] * len(rounds))
+            continue
         rows.append([f"wall time, {s}"] + ["" if s == "stage1" and r > 1 else _secs(w) for r, w in zip(rounds, wall)])
     out.append(("table", ["metric"] + [f"round {r}" for r in rounds], rows))
     return out
 
 
-def _grid_section(run, rounds: list[int]) -> list[Block]:
+def _grid_section(run, rounds: list[int], unconditional: bool = False) -> list[Block]:
     out: list[Block] = [("h", 2, "Pseudo-images")]
+    what = "Unconditional samples (rows are not classes)" if unconditional else "Samples, one row per class"
     for r in rounds:
         path = run.stage("stage2", r) / "grid.png"
         tag = "" if r == 1 else f" (round {r})"
         try:
-            out.append(("img", f"grid_round{r}.png", path.read_bytes(), f"Samples, one row per class{tag}"))
+            out.append(("img", f"grid_round{r}.png", path.read_bytes(), f"{what}{tag}"))
         except OSError:
             out.append(("note", f"Stage 2{tag} not run yet (no {path.relative_to(run.root)})."))
     return out
