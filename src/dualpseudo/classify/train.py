@@ -109,8 +109,10 @@ def train_classifier(cfg: Stage1Config, *, x_lb: np.ndarray, y_lb: np.ndarray, x
                      precision: str, seed: int, x_pseudo: np.ndarray | None = None,
                      y_pseudo: np.ndarray | None = None, pseudo_fraction: float = 0.0,
                      iterations: int | None = None, stop_at: int | None = None,
-                     progress: bool = True, world: World | None = None) -> nn.Module:
+                     progress: bool = True, world: World | None = None, desc: str | None = None) -> nn.Module:
     """Train (or resume from out_dir/state.pt) and return the EMA model in eval mode.
+
+    `desc` labels the progress bar (default: "<out_dir name> <learner>", e.g. "stage3 freematch").
 
     Images are uint8 (N, H, W, C); labels int (N,). `stop_at` ends this call early at that step (state saved),
     the schedule still spanning all `iterations` (default cfg.iterations). With several processes (`world`,
@@ -199,7 +201,7 @@ def train_classifier(cfg: Stage1Config, *, x_lb: np.ndarray, y_lb: np.ndarray, x
 
     # ---- training loop
     end = total if stop_at is None else min(total, stop_at)
-    bar = tqdm(total=total, initial=step, disable=not progress or not world.is_main, desc=f"stage1 {cfg.learner}", dynamic_ncols=True)
+    bar = tqdm(total=total, initial=step, disable=not progress or not world.is_main, desc=desc or f"{Path(out_dir).name} {cfg.learner}", dynamic_ncols=True)
     t_start, t_log, window = time.time(), time.time(), []
     while step < end:
         lr = cosine_lr(cfg.lr, step, total)

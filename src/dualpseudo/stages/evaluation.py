@@ -42,7 +42,8 @@ def get_oracle(cfg: ExperimentConfig, ds: Dataset, cache: Path, device: torch.de
     if not path.is_file():
         model = train_classifier(s, x_lb=ds.train_images, y_lb=ds.train_labels, x_ulb=ds.train_images[:1],
                                  num_classes=ds.num_classes, hflip=cfg.data.hflip, out_dir=d, device=device,
-                                 precision=cfg.runtime.precision, seed=12345, progress=progress, world=LOCAL)
+                                 precision=cfg.runtime.precision, seed=12345, progress=progress, world=LOCAL,
+                                 desc="evaluation oracle")
         acc = None
         if len(ds.test_images):
             acc = top1(predict(model, ds.test_images, batch_size=1024, device=device,
