@@ -213,13 +213,13 @@ def _read_image(p: Path, mode: str | None) -> tuple[np.ndarray, str]:
     return arr.reshape(*arr.shape[:2], -1), mode
 
 
-def _decode_into(files: list[Path], out: np.ndarray | None, desc: str) -> np.ndarray:
-    """Decode `files` into `out` (N, H, W, C) uint8, or into a new array when `out` is None."""
+def _decode_into(files: list[Path], alloc, desc: str) -> np.ndarray:
+    """Decode `files` into `alloc(shape)`, a uint8 (N, H, W, C) array (in memory or a memory map) made once the
+    first image gives H, W and C."""
     from tqdm.auto import tqdm
 
     first, mode = _read_image(files[0], None)
-    if out is None:
-        out = np.empty((len(files), *first.shape), np.uint8)
+    out = alloc((len(files), *first.shape))
     for i, p in enumerate(tqdm(files, desc=desc, unit="img", disable=len(files) < 5000, dynamic_ncols=True)):
         arr = first if i == 0 else _read_image(p, mode)[0]
         if arr.shape != first.shape:
@@ -234,7 +234,7 @@ def _read_folder_split(root: Path, classes: list[str], cache: Path | None = None
     if not files:
         return np.zeros((0, 1, 1, 1), np.uint8), np.zeros(0, np.int64)
     if cache is None:
-        return _decode_into(files, None, f"decoding {root}"), labels
+        return _decode_into(files, lambda shape: np.empty(shape, np.uint8), f"decoding {root}"), labels
     # The memory-mapped copy: keyed by every file's path, size and mtime, written whole before it is renamed.
     h = hashlib.sha256(str(root.resolve()).encode())
     for p, y in zip(files, labels):
@@ -248,12 +248,12 @@ def _read_folder_split(root: Path, classes: list[str], cache: Path | None = None
                 return images, labels
         except (OSError, ValueError):
             pass                                            # unreadable: decode again
-    shape = (len(files), *_read_image(files[0], None)[0].shape)
     cache.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
-        _decode_into(files, out, f"decoding {root} into {path}")
+        out = _decode_into(files, lambda shape: np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
+                                                                          shape=shape),
+                           f"decoding {root} into {path}")
         out.flush()
         del out
         os.replace(tmp, path)

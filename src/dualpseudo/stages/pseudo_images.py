@@ -4,7 +4,7 @@ Labels come from the newest classifier's `pseudo_labels.npz` (labeled images car
 `stage2.min_confidence > 0`, images whose pseudo-label is less confident train as the null class (unconditional),
 a variant beyond the paper. `label_source: true` / `none` give the full-label and unconditional references; an
 unconditional model samples every image from the null class without guidance, and its pseudo_images.npz says so
-with label `num_classes` (stage 3 refuses such images).
+with label `num_classes` (the pipeline runs no stage 3 for it).
 With `latent.autoencoder: train|sd` the model is trained on an autoencoder's latents and its samples are decoded
 (the paper's ImageNet recipe, diffuse/latent.py).
 """
