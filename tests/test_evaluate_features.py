@@ -42,3 +42,16 @@ def test_domain_features_pool_and_eval_mode():
     assert not model.training                                  # extract_features evaluates in eval mode
     with pytest.raises(TypeError, match="features"):
         domain_feature_fn(torch.nn.Linear(2, 2))
+
+
+def test_extract_features_reads_selected_rows_in_order(tmp_path):
+    images = np.lib.format.open_memmap(tmp_path / "x.npy", mode="w+", dtype=np.uint8, shape=(9, 2, 2, 1))
+    images[:] = np.arange(9, dtype=np.uint8)[:, None, None, None] * 10
+    idx = np.array([7, 0, 3, 8, 3])                                            # any order, repeats allowed
+    got = extract_features(_mean_fn, images, indices=idx, batch_size=2, device="cpu", progress=False)
+    np.testing.assert_allclose(got[:, 0], idx * 10.0)
+    shards = [extract_features(_mean_fn, images, indices=idx, batch_size=2, device="cpu", progress=False,
+                               rank=r, world_size=2) for r in range(2)]
+    np.testing.assert_array_equal(interleave_shards(shards), got)
+    with pytest.raises(ValueError, match="indices"):
+        extract_features(_mean_fn, images, indices=np.array([0, 9]), batch_size=2, device="cpu", progress=False)

@@ -160,3 +160,30 @@ def test_unconditional_reference_generator(smoke_run, tmp_path, capsys):
     assert "none (unconditional reference generator)" in report and "Unconditional samples" in report
     assert run_cli("stage3", SMOKE, *args) == 2
     assert "unconditional reference generator" in capsys.readouterr().err
+
+
+def test_evaluation_without_oracle(smoke_run, tmp_path, capsys):
+    """oracle_network=none (datasets too large for the in-memory oracle): FID, and precision/recall in the
+    Inception features; no class consistency, no domain distance. A tiny TorchScript stands in for Inception."""
+    run, base = smoke_run
+    import shutil
+
+    import torch
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    import warnings
+    with warnings.catch_warnings():                  # torch >= 2.10 deprecates TorchScript; Inception ships as one
+        warnings.simplefilter("ignore", DeprecationWarning)
+        net = torch.jit.script(torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(4), torch.nn.Flatten(),
+                                                   torch.nn.Linear(48, 16)))
+    net.save(str(tmp_path / "tiny_inception.pt"))
+    sets = ["--set", f"evaluation.cache_dir={tmp_path / 'cache'}", "--set", "evaluation.oracle_network=none",
+            "--set", "evaluation.fid=true", "--set", f"evaluation.inception_path={tmp_path / 'tiny_inception.pt'}"]
+    assert run_cli("eval", "--run-dir", str(copy), *sets) == 0
+    ev = read_json(copy / "evaluation/metrics.json")
+    assert ev["oracle"] is None and ev["class_consistency"] is None and ev["domain_fd"] is None
+    assert ev["fid"]["num_samples"] == 32 and np.isfinite(ev["fid"]["fid"])
+    assert ev["precision_recall"]["features"].startswith("inception") and 0 <= ev["precision_recall"]["recall"] <= 1
+    assert not list((tmp_path / "cache").glob("oracle-*")), "no oracle may be trained"
+    assert run_cli("eval", "--run-dir", str(copy), "--set", "evaluation.oracle_network=resnet9000") == 2
+    assert "evaluation.oracle_network" in capsys.readouterr().err

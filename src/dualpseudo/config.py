@@ -149,7 +149,7 @@ class EvalConfig:
     fid_reference_images: int = 10000                 # real training images for the reference statistics
     cache_dir: str = "~/.cache/dualpseudo"           # FID reference stats, the oracle, decoded image folders (keyed)
     fid_method: Literal["eigh", "sqrtm"] = "eigh"     # trace of the covariance square root (evaluate/fid.py)
-    oracle_network: str = "cnn_small"
+    oracle_network: str = "cnn_small"                # a classifier network, or "none": no oracle metrics
     oracle_iterations: int = 2000
     pr_k: int = 3                                     # k of the k-NN manifolds of precision/recall
     pr_max_samples: int = 10000                       # cap on images per set for precision/recall

@@ -46,21 +46,32 @@ def interleave_shards(shards: Sequence[np.ndarray]) -> np.ndarray:
 
 @torch.inference_mode()
 def extract_features(fn: FeatureFn, images_uint8: np.ndarray, *, batch_size: int, device: str | torch.device,
-                     progress: bool = True, rank: int = 0, world_size: int = 1,
-                     desc: str = "features") -> np.ndarray:
-    """Features of this rank's images (rank::world_size of N): uint8 (N, H, W[, C]) -> float32 (N_rank, D)."""
+                     progress: bool = True, rank: int = 0, world_size: int = 1, desc: str = "features",
+                     indices: np.ndarray | None = None) -> np.ndarray:
+    """Features of this rank's images (rank::world_size of N): uint8 (N, H, W[, C]) -> float32 (N_rank, D).
+
+    `indices` selects rows of `images_uint8` (N becomes len(indices), in their order); they are read batch by
+    batch, so a memory-mapped array is never loaded whole."""
     if batch_size <= 0:
         raise ValueError(f"batch_size must be > 0, got {batch_size}")
     device = torch.device(device)
     images = as_nhwc_uint8(images_uint8)
-    idx = shard_indices(len(images), rank, world_size)
+    rows = None
+    if indices is not None:
+        rows = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if len(rows) and (rows.min() < 0 or rows.max() >= len(images)):
+            raise ValueError(f"indices must lie in [0, {len(images)}), got [{rows.min()}, {rows.max()}]")
+    idx = shard_indices(len(images) if rows is None else len(rows), rank, world_size)
     if isinstance(fn, torch.nn.Module):
         fn = fn.to(device).eval()
     chunks = []
     bar = tqdm(total=len(idx), desc=desc, unit="img", disable=not progress or rank != 0, leave=False)
     for start in range(0, len(idx), batch_size):
         sel = idx[start:start + batch_size]
-        batch = images[sel] if world_size > 1 else images[sel[0]:sel[-1] + 1]          # (B, H, W, C)
+        if rows is not None:
+            batch = images[rows[sel]]                                                 # (B, H, W, C)
+        else:
+            batch = images[sel] if world_size > 1 else images[sel[0]:sel[-1] + 1]
         feats = fn(torch.from_numpy(np.ascontiguousarray(batch)).to(device))          # (B, D)
         if feats.ndim != 2 or feats.shape[0] != len(sel):
             raise ValueError(f"feature function returned shape {tuple(feats.shape)} for {len(sel)} images")

@@ -4,6 +4,9 @@ oracle classifier, and FID with the standard Inception network.
 Evaluation runs in one process (rank 0 of a data-parallel launch; the others wait): it is small next to training.
 The oracle is a classifier trained with ALL training labels. DPT itself never sees it; it only judges whether a
 generated image shows the class it was conditioned on. It is trained once per (dataset, settings) and cached.
+It trains on every training image in memory, so for a dataset too large for that (ImageNet) set
+`evaluation.oracle_network: none`: no class consistency or domain distance, and precision/recall are computed in
+the Inception features instead. Real images are read batch by batch, so a memory-mapped folder stays on disk.
 """
 from __future__ import annotations
 
@@ -13,8 +16,9 @@ import numpy as np
 import torch
 
 from ..artifacts import load_npz, write_json
+from ..classify.networks import NETWORKS
 from ..classify.train import load_classifier, predict, save_classifier, train_classifier
-from ..config import ExperimentConfig, Stage1Config, config_hash
+from ..config import ConfigError, ExperimentConfig, Stage1Config, config_hash
 from ..data.datasets import Dataset
 from ..distributed import LOCAL
 from ..evaluate.classification import class_consistency, top1
@@ -22,6 +26,15 @@ from ..evaluate.domain import domain_feature_fn
 from ..evaluate.features import extract_features
 from ..evaluate.fid import fid_report, frechet_distance, feature_stats, reference_key, reference_stats
 from ..evaluate.prdc import precision_recall
+
+
+NO_ORACLE = "none"
+
+
+def check_oracle_network(name: str) -> None:
+    """`evaluation.oracle_network` must name a classifier network or be "none"."""
+    if name != NO_ORACLE and name not in NETWORKS:
+        raise ConfigError(f"evaluation.oracle_network: {name!r} is not one of {sorted(NETWORKS) + [NO_ORACLE]}")
 
 
 def oracle_config(cfg: ExperimentConfig) -> Stage1Config:
@@ -61,6 +74,14 @@ def reference_subset(ds: Dataset, n: int) -> np.ndarray:
     return np.sort(idx)
 
 
+def _pr_subsets(n_real: int, n_gen: int, cap: int) -> tuple[np.ndarray, np.ndarray]:
+    """Positions of the real and generated features that precision/recall compares: min(cap, n_real, n_gen)
+    of each, drawn with a fixed seed."""
+    n = min(cap, n_real, n_gen)
+    rng = np.random.default_rng(0)
+    return rng.permutation(n_real)[:n], rng.permutation(n_gen)[:n]
+
+
 def run_evaluation(cfg: ExperimentConfig, ds: Dataset, pseudo_images: Path, out: Path, device: torch.device,
                    progress: bool = True) -> dict:
     """Write `out/metrics.json` for the pseudo-images of one round and return it."""
@@ -73,28 +94,32 @@ def run_evaluation(cfg: ExperimentConfig, ds: Dataset, pseudo_images: Path, out:
     metrics: dict = {"num_samples": int(len(labels)), "sampler": cfg.stage2.sampler, "steps": cfg.stage2.steps,
                      "guidance_scale": guidance, "unconditional": unconditional}
 
-    oracle, meta = get_oracle(cfg, ds, cache, device, progress)
-    metrics["oracle"] = {"network": meta.get("network"), "test_top1": meta.get("test_top1"),
-                         "trained_on": "all training labels (evaluation only)"}
-    classify = lambda x: predict(oracle, x, batch_size=ev.batch_size, device=device,  # noqa: E731
-                                 precision=cfg.runtime.precision)
-    # Unconditional images have no conditioning label to be consistent with.
-    metrics["class_consistency"] = None if unconditional else class_consistency(classify, images, labels,
-                                                                                 ds.num_classes, ev.batch_size)
-
-    # Domain features: the oracle's penultimate layer.
+    check_oracle_network(ev.oracle_network)
     real_idx = reference_subset(ds, min(ev.fid_reference_images, len(ds.train_images)))
-    fn = domain_feature_fn(oracle)
-    real_f = extract_features(fn, ds.train_images[real_idx], batch_size=ev.batch_size, device=device,
-                              progress=progress, desc="oracle features (real)")
-    gen_f = extract_features(fn, images, batch_size=ev.batch_size, device=device, progress=progress,
-                             desc="oracle features (generated)")
-    metrics["domain_fd"] = frechet_distance(*feature_stats(gen_f), *feature_stats(real_f), method=ev.fid_method)
-    n_pr = min(ev.pr_max_samples, len(real_f), len(gen_f))
-    rng = np.random.default_rng(0)
-    metrics["precision_recall"] = precision_recall(real_f[rng.permutation(len(real_f))[:n_pr]],
-                                                   gen_f[rng.permutation(len(gen_f))[:n_pr]], k=ev.pr_k)
-    metrics["precision_recall"]["features"] = "oracle penultimate layer"
+    real_sel, gen_sel = _pr_subsets(len(real_idx), len(images), ev.pr_max_samples)
+
+    def features(fn, x: np.ndarray, idx: np.ndarray | None, desc: str) -> np.ndarray:
+        return extract_features(fn, x, indices=idx, batch_size=ev.batch_size, device=device, progress=progress,
+                                desc=desc)
+
+    metrics.update(oracle=None, class_consistency=None, domain_fd=None, precision_recall=None)
+    if ev.oracle_network != NO_ORACLE:
+        oracle, meta = get_oracle(cfg, ds, cache, device, progress)
+        metrics["oracle"] = {"network": meta.get("network"), "test_top1": meta.get("test_top1"),
+                             "trained_on": "all training labels (evaluation only)"}
+        classify = lambda x: predict(oracle, x, batch_size=ev.batch_size, device=device,  # noqa: E731
+                                     precision=cfg.runtime.precision)
+        # Unconditional images have no conditioning label to be consistent with.
+        if not unconditional:
+            metrics["class_consistency"] = class_consistency(classify, images, labels, ds.num_classes,
+                                                             ev.batch_size)
+        # Domain features: the oracle's penultimate layer.
+        fn = domain_feature_fn(oracle)
+        real_f = features(fn, ds.train_images, real_idx, "oracle features (real)")
+        gen_f = features(fn, images, None, "oracle features (generated)")
+        metrics["domain_fd"] = frechet_distance(*feature_stats(gen_f), *feature_stats(real_f), method=ev.fid_method)
+        metrics["precision_recall"] = {**precision_recall(real_f[real_sel], gen_f[gen_sel], k=ev.pr_k),
+                                       "features": "oracle penultimate layer"}
 
     if ev.fid:
         from ..evaluate.inception import inception_feature_fn
@@ -102,13 +127,14 @@ def run_evaluation(cfg: ExperimentConfig, ds: Dataset, pseudo_images: Path, out:
         inc = inception_feature_fn(ev.inception_path, ev.resize_mode, ev.inception_precision)
         key = reference_key(ds.fingerprint, inc.extractor_id, ev.resize_mode, len(real_idx))
         ref_mu, ref_sigma = reference_stats(
-            cache / "fid", key, lambda: extract_features(inc, ds.train_images[real_idx], batch_size=ev.batch_size,
-                                                          device=device, progress=progress,
-                                                          desc="Inception (reference)"))
-        gen_inc = extract_features(inc, images, batch_size=ev.batch_size, device=device, progress=progress,
-                                   desc="Inception (generated)")
+            cache / "fid", key, lambda: features(inc, ds.train_images, real_idx, "Inception (reference)"))
+        gen_inc = features(inc, images, None, "Inception (generated)")
         metrics["fid"] = fid_report(gen_inc, ref_mu, ref_sigma, num_reference=len(real_idx),
                                     feature_extractor=inc.extractor_id, guidance_scale=guidance,
                                     sampler=cfg.stage2.sampler, steps=cfg.stage2.steps, method=ev.fid_method)
+        if metrics["precision_recall"] is None:             # no oracle: precision/recall in Inception features
+            real_inc = features(inc, ds.train_images, np.sort(real_idx[real_sel]), "Inception (real, P/R)")
+            metrics["precision_recall"] = {**precision_recall(real_inc, gen_inc[gen_sel], k=ev.pr_k),
+                                           "features": inc.extractor_id}
     write_json(out / "metrics.json", metrics)
     return metrics

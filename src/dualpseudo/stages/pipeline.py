@@ -115,6 +115,9 @@ def build_steps(cfg: ExperimentConfig, run: RunDir, ds: Dataset, stages: tuple[s
                           "unconditional reference generator; evaluate it with `dualpseudo eval`")
     if unconditional:
         rounds = 1
+    if "evaluation" in stages:                            # fail before hours of training, not after them
+        from .evaluation import check_oracle_network
+        check_oracle_network(cfg.evaluation.oracle_network)
     idx, source = labeled_indices(cfg, ds)
     s1 = run.stage1
     steps: list[Step] = []
