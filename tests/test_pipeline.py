@@ -165,13 +165,13 @@ def test_unconditional_reference_generator(smoke_run, tmp_path, capsys):
 def test_evaluation_without_oracle(smoke_run, tmp_path, capsys):
     """oracle_network=none (datasets too large for the in-memory oracle): FID, and precision/recall in the
     Inception features; no class consistency, no domain distance. A tiny TorchScript stands in for Inception."""
-    run, base = smoke_run
     import shutil
+    import warnings
 
     import torch
+    run, base = smoke_run
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
-    import warnings
     with warnings.catch_warnings():                  # torch >= 2.10 deprecates TorchScript; Inception ships as one
         warnings.simplefilter("ignore", DeprecationWarning)
         net = torch.jit.script(torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(4), torch.nn.Flatten(),

@@ -94,7 +94,6 @@ def run_evaluation(cfg: ExperimentConfig, ds: Dataset, pseudo_images: Path, out:
     metrics: dict = {"num_samples": int(len(labels)), "sampler": cfg.stage2.sampler, "steps": cfg.stage2.steps,
                      "guidance_scale": guidance, "unconditional": unconditional}
 
-    check_oracle_network(ev.oracle_network)
     real_idx = reference_subset(ds, min(ev.fid_reference_images, len(ds.train_images)))
     real_sel, gen_sel = _pr_subsets(len(real_idx), len(images), ev.pr_max_samples)
 
