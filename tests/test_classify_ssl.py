@@ -92,6 +92,8 @@ def test_dist_align_hand_computed():
     torch.testing.assert_close(torch.softmax(lg, -1), expected, atol=1e-6, rtol=0)
     other = DistAlign.init(3)
     assert torch.allclose(other.p_model, torch.full((3,), 1 / 3))
+    skewed = DistAlign.init(3, y_lb=torch.tensor([0, 0, 1, 2]))          # p_target: the labeled distribution
+    torch.testing.assert_close(skewed.p_target, torch.tensor([0.5, 0.25, 0.25]))
     other.load_state_dict(da.state_dict())
     assert torch.equal(other.p_model, da.p_model) and other.momentum == 0.9
 

@@ -76,7 +76,7 @@ class Stage1Config:
     p_cutoff: float = 0.95                            # FixMatch confidence threshold tau
     lambda_u: float = 1.0                             # unlabeled loss weight
     hard_label: bool = True                           # one-hot pseudo-labels (FixMatch/FreeMatch); False: soft
-    dist_align: bool = added_later(False)             # distribution alignment of the weak-view probabilities
+    dist_align: bool = added_later(False)             # ReMixMatch distribution alignment (EMA: threshold_ema)
     T: float = 1.0                                    # sharpening temperature of soft pseudo-labels (hard_label=False)
     threshold_ema: float = 0.999                      # FreeMatch lambda: EMA momentum of the threshold state
     lambda_f: float = 0.01                            # FreeMatch self-adaptive fairness weight (0 disables it)

@@ -10,8 +10,9 @@
   pseudo-labels. The threshold state is the explicit `FreeMatchThreshold`, saved with the training state.
 - Distribution alignment (Berthelot et al., ReMixMatch, ICLR 2020), optional for both: the weak view's
   probabilities are multiplied by p_target / p_model and renormalised before they give pseudo-labels and masks,
-  p_model an EMA of their batch mean and p_target the uniform class prior. It counters a classifier that
-  predicts a few classes for most unlabeled images. Its state is the explicit `DistAlign`.
+  p_model an EMA of their batch mean and p_target the labeled images' class distribution (uniform for a
+  `labels_per_class` split). It counters a classifier that predicts a few classes for most unlabeled images.
+  Its state is the explicit `DistAlign`.
 """
 from __future__ import annotations
 
@@ -99,13 +100,18 @@ class DistAlign:
     """Distribution alignment state: p_model, the EMA of the mean weak-view class probability, and p_target."""
 
     p_model: torch.Tensor       # (C,) starts uniform
-    p_target: torch.Tensor      # (C,) uniform: every class equally likely (the labeled split is balanced)
+    p_target: torch.Tensor      # (C,) the class distribution of the labeled images
     momentum: float = 0.999
 
     @classmethod
-    def init(cls, num_classes: int, momentum: float = 0.999, device: torch.device | str = "cpu"):
+    def init(cls, num_classes: int, momentum: float = 0.999, device: torch.device | str = "cpu",
+             y_lb: torch.Tensor | None = None):
+        """p_model starts uniform; p_target is the label distribution of `y_lb` (uniform when None)."""
         uniform = torch.full((num_classes,), 1.0 / num_classes, device=device)
-        return cls(uniform.clone(), uniform.clone(), momentum)
+        if y_lb is None:
+            return cls(uniform.clone(), uniform.clone(), momentum)
+        counts = torch.bincount(y_lb.to(device), minlength=num_classes).float()
+        return cls(uniform.clone(), counts / counts.sum(), momentum)
 
     @torch.no_grad()
     def update(self, probs_x_ulb_w: torch.Tensor) -> None:

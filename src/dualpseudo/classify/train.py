@@ -161,7 +161,7 @@ def train_classifier(cfg: Stage1Config, *, x_lb: np.ndarray, y_lb: np.ndarray, x
     opt = torch.optim.SGD(_param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum,
                           nesterov=cfg.nesterov)
     threshold = FreeMatchThreshold.init(num_classes, cfg.threshold_ema, device) if cfg.learner == "freematch" else None
-    align = DistAlign.init(num_classes, cfg.threshold_ema, device) if ssl and cfg.dist_align else None
+    align = DistAlign.init(num_classes, cfg.threshold_ema, device, y_lb_t) if ssl and cfg.dist_align else None
     gen = torch.Generator(device=device).manual_seed(seed + 1_000_003 * world.rank)
     resume_key = _resume_config(cfg, total, num_classes, (C, H, W))
 
