@@ -1,10 +1,11 @@
-"""SSL losses against hand-computed cases: FixMatch mask, FreeMatch thresholds and fairness loss."""
+"""SSL losses against hand-computed cases: FixMatch mask, FreeMatch thresholds and fairness loss,
+distribution alignment."""
 import math
 
 import torch
 
-from dualpseudo.classify.ssl import (FreeMatchThreshold, consistency_loss, fairness_loss, fixmatch_mask,
-                                     supervised_loss)
+from dualpseudo.classify.ssl import (DistAlign, FreeMatchThreshold, consistency_loss, fairness_loss,
+                                     fixmatch_mask, supervised_loss)
 
 
 def _logits(probs):
@@ -75,3 +76,32 @@ def test_fairness_loss_hand_computed():
     z = fairness_loss(logits_s.requires_grad_(), torch.zeros(4), st)
     assert z.item() == 0.0 and z.requires_grad
 
+
+
+def test_dist_align_hand_computed():
+    da = DistAlign(p_model=torch.tensor([0.5, 0.25, 0.25]), p_target=torch.full((3,), 1 / 3), momentum=0.9)
+    probs = torch.tensor([[0.5, 0.25, 0.25], [0.2, 0.4, 0.4]])
+    # probs * (1/3) / p_model, renormalised: row 0 -> uniform; row 1 -> [0.4, 1.6, 1.6] / 3.6
+    aligned = da.align(probs)
+    torch.testing.assert_close(aligned, torch.tensor([[1 / 3, 1 / 3, 1 / 3], [0.4 / 3.6, 1.6 / 3.6, 1.6 / 3.6]]),
+                               atol=1e-5, rtol=0)
+    # a class the model over-predicts loses its pseudo-labels: row 1 was argmax-tied, now class 1 or 2, not 0
+    lg = da.aligned_logits(probs.log(), update=True)
+    torch.testing.assert_close(da.p_model, 0.9 * torch.tensor([0.5, 0.25, 0.25]) + 0.1 * probs.mean(0))
+    expected = da.align(probs)                                  # with the updated p_model
+    torch.testing.assert_close(torch.softmax(lg, -1), expected, atol=1e-6, rtol=0)
+    other = DistAlign.init(3)
+    assert torch.allclose(other.p_model, torch.full((3,), 1 / 3))
+    skewed = DistAlign.init(3, y_lb=torch.tensor([0, 0, 1, 2]))          # p_target: the labeled distribution
+    torch.testing.assert_close(skewed.p_target, torch.tensor([0.5, 0.25, 0.25]))
+    other.load_state_dict(da.state_dict())
+    assert torch.equal(other.p_model, da.p_model) and other.momentum == 0.9
+
+
+def test_dist_align_turns_a_fixmatch_mask():
+    """A confident prediction of an over-predicted class falls below the cutoff after alignment."""
+    da = DistAlign(p_model=torch.tensor([0.8, 0.1, 0.1]), p_target=torch.full((3,), 1 / 3))
+    logits_w = _logits([[0.96, 0.02, 0.02], [0.02, 0.96, 0.02]])
+    assert fixmatch_mask(logits_w, 0.95).tolist() == [1.0, 1.0]
+    aligned = da.aligned_logits(logits_w, update=False)
+    assert fixmatch_mask(aligned, 0.95).tolist() == [0.0, 1.0]

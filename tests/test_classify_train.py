@@ -35,9 +35,9 @@ def _run(cfg, out_dir, precision="fp32", **kw):
     return T.train_classifier(cfg, **{**args, **kw})
 
 
-@pytest.mark.parametrize("learner", ["freematch", "fixmatch"])
-def test_resume_equals_straight_run(tmp_path, learner):
-    cfg = _cfg(learner=learner, p_cutoff=0.5)
+@pytest.mark.parametrize("learner,dist_align", [("freematch", False), ("fixmatch", False), ("freematch", True)])
+def test_resume_equals_straight_run(tmp_path, learner, dist_align):
+    cfg = _cfg(learner=learner, p_cutoff=0.5, dist_align=dist_align)
     straight = _run(cfg, tmp_path / "a")
     _run(cfg, tmp_path / "b", stop_at=4)
     assert load_torch(tmp_path / "b" / "state.pt")["step"] == 4
@@ -47,6 +47,10 @@ def test_resume_equals_straight_run(tmp_path, learner):
     sa, sb = load_torch(tmp_path / "a" / "state.pt"), load_torch(tmp_path / "b" / "state.pt")
     if learner == "freematch":
         torch.testing.assert_close(sa["threshold"]["p_model"], sb["threshold"]["p_model"])
+    assert ("dist_align" in sa) == dist_align
+    if dist_align:
+        torch.testing.assert_close(sa["dist_align"]["p_model"], sb["dist_align"]["p_model"])
+        assert not torch.allclose(sa["dist_align"]["p_model"], torch.full((2,), 0.5))   # it was updated
     steps = [json.loads(l)["step"] for l in (tmp_path / "b" / "stats.jsonl").read_text().splitlines()]
     assert steps == [2, 4, 6, 8]
 

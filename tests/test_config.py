@@ -1,6 +1,10 @@
+from pathlib import Path
+
 import pytest
 
 from dualpseudo.config import ConfigError, ExperimentConfig, config_hash, load_config, to_yaml
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_defaults_and_yaml_round_trip(tmp_path):
@@ -60,3 +64,16 @@ def test_hash_exclude():
     b = load_config(None, ["stage2.steps=30"]).stage2
     assert config_hash(a) != config_hash(b)
     assert config_hash(a, exclude=("steps",)) == config_hash(b, exclude=("steps",))
+
+
+def test_fields_added_later_keep_existing_hashes():
+    """`added_later` fields at their default leave hashes as they were before the field existed."""
+    cfg = load_config(ROOT / "configs" / "fashion_mnist.yaml")
+    # recorded before stage1.dist_align existed: run directories from then must stay valid
+    assert config_hash({"data": cfg.data, "stage1": cfg.stage1}) == "fa0fbb6002e14e0f"
+    assert config_hash(cfg.stage1) == "71d58c3a6975f601"
+    on = load_config(ROOT / "configs" / "fashion_mnist.yaml", ["stage1.dist_align=true"])
+    assert on.stage1.dist_align is True
+    assert config_hash({"data": on.data, "stage1": on.stage1}) != "fa0fbb6002e14e0f"
+    assert config_hash(on.stage1) != "71d58c3a6975f601"
+    assert "dist_align: false" in to_yaml(cfg)                 # the written config still lists it

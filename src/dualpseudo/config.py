@@ -21,6 +21,24 @@ class ConfigError(ValueError):
     """A configuration problem a user can fix; the message names the key."""
 
 
+def added_later(default: Any) -> Any:
+    """A field added after run directories already existed: while it holds `default` it is left out of config
+    hashes and resume keys, so those run directories (and their saved states) stay valid."""
+    return field(default=default, metadata={"omit_at_default": True})
+
+
+def _omitted_at_default(obj: Any) -> set[str]:
+    """Names of `obj`'s `added_later` fields that hold their default."""
+    return {f.name for f in dataclasses.fields(obj)
+            if f.metadata.get("omit_at_default") and getattr(obj, f.name) == f.default}
+
+
+def hashable_dict(section: Any) -> dict:
+    """`to_dict(section)` without the `added_later` fields that hold their default."""
+    skip = _omitted_at_default(section)
+    return {k: v for k, v in to_dict(section).items() if k not in skip}
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Which images, and which of them carry labels."""
@@ -58,6 +76,7 @@ class Stage1Config:
     p_cutoff: float = 0.95                            # FixMatch confidence threshold tau
     lambda_u: float = 1.0                             # unlabeled loss weight
     hard_label: bool = True                           # one-hot pseudo-labels (FixMatch/FreeMatch); False: soft
+    dist_align: bool = added_later(False)             # ReMixMatch distribution alignment (EMA: threshold_ema)
     T: float = 1.0                                    # sharpening temperature of soft pseudo-labels (hard_label=False)
     threshold_ema: float = 0.999                      # FreeMatch lambda: EMA momentum of the threshold state
     lambda_f: float = 0.01                            # FreeMatch self-adaptive fairness weight (0 disables it)
@@ -348,10 +367,23 @@ def to_yaml(cfg: ExperimentConfig) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
+def _hash_text(obj: Any) -> str:
+    """How a section nested in a hashed dict is written: its dataclass repr, without the `added_later` fields
+    that hold their default (the repr the hashes of existing run directories were computed from)."""
+    if not dataclasses.is_dataclass(obj):
+        return str(obj)
+    skip = _omitted_at_default(obj)
+    inner = ", ".join(f"{f.name}={getattr(obj, f.name)!r}" for f in dataclasses.fields(obj)
+                      if f.repr and f.name not in skip)
+    return f"{type(obj).__qualname__}({inner})"
+
+
 def config_hash(section: Any, exclude: tuple[str, ...] = ()) -> str:
-    """A stable short hash of a config section (or any JSON-able value), leaving out the `exclude` fields."""
-    payload = to_dict(section) if dataclasses.is_dataclass(section) else section
+    """A stable short hash of a config section (or any JSON-able value), leaving out the `exclude` fields.
+
+    `added_later` fields holding their default are left out, so adding a field keeps existing hashes."""
+    payload = hashable_dict(section) if dataclasses.is_dataclass(section) else section
     if exclude:
         payload = {k: v for k, v in payload.items() if k not in exclude}
-    blob = json.dumps(payload, sort_keys=True, default=str).encode()
+    blob = json.dumps(payload, sort_keys=True, default=_hash_text).encode()
     return hashlib.sha256(blob).hexdigest()[:16]

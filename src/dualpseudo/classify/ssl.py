@@ -8,6 +8,11 @@
   L_f = -H(SumNorm(p~_t / h~_t), SumNorm(p_bar / h_bar)), with p_bar, h_bar the mean strong-view probability
   and the histogram of strong-view predictions over masked samples, and h~_t the EMA histogram of
   pseudo-labels. The threshold state is the explicit `FreeMatchThreshold`, saved with the training state.
+- Distribution alignment (Berthelot et al., ReMixMatch, ICLR 2020), optional for both: the weak view's
+  probabilities are multiplied by p_target / p_model and renormalised before they give pseudo-labels and masks,
+  p_model an EMA of their batch mean and p_target the labeled images' class distribution (uniform for a
+  `labels_per_class` split). It counters a classifier that predicts a few classes for most unlabeled images.
+  Its state is the explicit `DistAlign`.
 """
 from __future__ import annotations
 
@@ -87,6 +92,54 @@ class FreeMatchThreshold:
         self.time_p = state["time_p"].to(device)
         self.p_model = state["p_model"].to(device)
         self.label_hist = state["label_hist"].to(device)
+        self.momentum = float(state["momentum"])
+
+
+@dataclass
+class DistAlign:
+    """Distribution alignment state: p_model, the EMA of the mean weak-view class probability, and p_target."""
+
+    p_model: torch.Tensor       # (C,) starts uniform
+    p_target: torch.Tensor      # (C,) the class distribution of the labeled images
+    momentum: float = 0.999
+
+    @classmethod
+    def init(cls, num_classes: int, momentum: float = 0.999, device: torch.device | str = "cpu",
+             y_lb: torch.Tensor | None = None):
+        """p_model starts uniform; p_target is the label distribution of `y_lb` (uniform when None)."""
+        uniform = torch.full((num_classes,), 1.0 / num_classes, device=device)
+        if y_lb is None:
+            return cls(uniform.clone(), uniform.clone(), momentum)
+        counts = torch.bincount(y_lb.to(device), minlength=num_classes).float()
+        return cls(uniform.clone(), counts / counts.sum(), momentum)
+
+    @torch.no_grad()
+    def update(self, probs_x_ulb_w: torch.Tensor) -> None:
+        """EMA-update p_model with the weak-view probabilities (U, C) of one batch (before alignment)."""
+        self.p_model = self.p_model * self.momentum + (1 - self.momentum) * probs_x_ulb_w.mean(dim=0)
+
+    @torch.no_grad()
+    def align(self, probs_x_ulb_w: torch.Tensor) -> torch.Tensor:
+        """probs * p_target / p_model, renormalised per row; (U, C) -> (U, C)."""
+        aligned = probs_x_ulb_w * (self.p_target + 1e-6) / (self.p_model + 1e-6)
+        return aligned / aligned.sum(dim=-1, keepdim=True)
+
+    @torch.no_grad()
+    def aligned_logits(self, logits_x_ulb_w: torch.Tensor, update: bool = True) -> torch.Tensor:
+        """Log of the aligned weak-view probabilities: logits whose softmax is the aligned distribution, so the
+        masks and losses that take logits use the aligned pseudo-labels unchanged."""
+        probs = torch.softmax(logits_x_ulb_w.detach().float(), dim=-1)
+        if update:
+            self.update(probs)
+        return torch.log(self.align(probs).clamp_min(1e-30))
+
+    def state_dict(self) -> dict:
+        return {"p_model": self.p_model.clone(), "p_target": self.p_target.clone(), "momentum": self.momentum}
+
+    def load_state_dict(self, state: dict) -> None:
+        device = self.p_model.device
+        self.p_model = state["p_model"].to(device)
+        self.p_target = state["p_target"].to(device)
         self.momentum = float(state["momentum"])
 
 

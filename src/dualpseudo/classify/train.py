@@ -13,7 +13,6 @@ same weights as an uninterrupted run.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import math
 import time
@@ -25,12 +24,12 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ..artifacts import ArtifactError, load_torch, load_weights, save_torch, save_weights, write_text
-from ..config import Stage1Config
+from ..config import Stage1Config, hashable_dict
 from ..distributed import World, current
 from ..runtime import autocast
 from . import augment
 from .networks import build_network
-from .ssl import FreeMatchThreshold, consistency_loss, fairness_loss, fixmatch_mask, supervised_loss
+from .ssl import DistAlign, FreeMatchThreshold, consistency_loss, fairness_loss, fixmatch_mask, supervised_loss
 
 STATE_FILE = "state.pt"
 STATS_FILE = "stats.jsonl"
@@ -100,7 +99,7 @@ def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
 
 def _resume_config(cfg: Stage1Config, total: int, num_classes: int, shape: tuple) -> dict:
     """What a saved state must match to be resumed."""
-    d = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _RESUME_SAFE_FIELDS}
+    d = {k: v for k, v in hashable_dict(cfg).items() if k not in _RESUME_SAFE_FIELDS}
     return {"stage1": d, "iterations": total, "num_classes": num_classes, "image_shape": list(shape)}
 
 
@@ -162,6 +161,7 @@ def train_classifier(cfg: Stage1Config, *, x_lb: np.ndarray, y_lb: np.ndarray, x
     opt = torch.optim.SGD(_param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum,
                           nesterov=cfg.nesterov)
     threshold = FreeMatchThreshold.init(num_classes, cfg.threshold_ema, device) if cfg.learner == "freematch" else None
+    align = DistAlign.init(num_classes, cfg.threshold_ema, device, y_lb_t) if ssl and cfg.dist_align else None
     gen = torch.Generator(device=device).manual_seed(seed + 1_000_003 * world.rank)
     resume_key = _resume_config(cfg, total, num_classes, (C, H, W))
 
@@ -179,6 +179,8 @@ def train_classifier(cfg: Stage1Config, *, x_lb: np.ndarray, y_lb: np.ndarray, x
             opt.load_state_dict(state["optimizer"])
             if threshold is not None:
                 threshold.load_state_dict(state["threshold"])
+            if align is not None:
+                align.load_state_dict(state["dist_align"])
             per_rank = state["rng"].get("augment_ranks", [state["rng"]["augment"]])
             if world.rank < len(per_rank):
                 gen.set_state(per_rank[world.rank].cpu())
@@ -197,6 +199,7 @@ def train_classifier(cfg: Stage1Config, *, x_lb: np.ndarray, y_lb: np.ndarray, x
             save_torch(state_path, {
                 "step": step, "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
                 "threshold": threshold.state_dict() if threshold is not None else {},
+                **({"dist_align": align.state_dict()} if align is not None else {}),
                 "rng": rng, "resume_key": resume_key})
 
     # ---- training loop
@@ -229,13 +232,16 @@ def train_classifier(cfg: Stage1Config, *, x_lb: np.ndarray, y_lb: np.ndarray, x
         loss_u = loss_f = mask = torch.zeros((), device=device)
         if ssl:
             logits_w, logits_s = logits[b:b + u], logits[b + u:]
+            if align is not None:                       # pseudo-labels from the aligned distribution
+                if world.distributed:                   # p_model follows the global batch
+                    align.update(world.all_gather(torch.softmax(logits_w.detach().float(), dim=-1)))
+                logits_w = align.aligned_logits(logits_w, update=not world.distributed)
             if threshold is None:
                 mask = fixmatch_mask(logits_w, cfg.p_cutoff)
-            elif world.distributed:                     # the threshold state follows the global batch
-                threshold.update(world.all_gather(torch.softmax(logits_w.detach().float(), dim=-1)))
-                mask = threshold.mask(logits_w, update=False)
             else:
-                mask = threshold.mask(logits_w)
+                if world.distributed:                   # the threshold state follows the global batch
+                    threshold.update(world.all_gather(torch.softmax(logits_w.detach().float(), dim=-1)))
+                mask = threshold.mask(logits_w, update=not world.distributed)
                 if cfg.lambda_f > 0:
                     loss_f = fairness_loss(logits_s, mask, threshold)
             loss_u = consistency_loss(logits_s, logits_w, mask, cfg.hard_label, cfg.T)
