@@ -77,7 +77,6 @@ def test_fairness_loss_hand_computed():
     assert z.item() == 0.0 and z.requires_grad
 
 
-
 def test_dist_align_hand_computed():
     da = DistAlign(p_model=torch.tensor([0.5, 0.25, 0.25]), p_target=torch.full((3,), 1 / 3), momentum=0.9)
     probs = torch.tensor([[0.5, 0.25, 0.25], [0.2, 0.4, 0.4]])
@@ -85,7 +84,7 @@ def test_dist_align_hand_computed():
     aligned = da.align(probs)
     torch.testing.assert_close(aligned, torch.tensor([[1 / 3, 1 / 3, 1 / 3], [0.4 / 3.6, 1.6 / 3.6, 1.6 / 3.6]]),
                                atol=1e-5, rtol=0)
-    # a class the model over-predicts loses its pseudo-labels: row 1 was argmax-tied, now class 1 or 2, not 0
+    # aligned_logits updates p_model first, then returns the log of the aligned probabilities
     lg = da.aligned_logits(probs.log(), update=True)
     torch.testing.assert_close(da.p_model, 0.9 * torch.tensor([0.5, 0.25, 0.25]) + 0.1 * probs.mean(0))
     expected = da.align(probs)                                  # with the updated p_model

@@ -97,6 +97,11 @@ def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
         b_ema.copy_(b)
 
 
+def _global_probs(logits: torch.Tensor, world: World) -> torch.Tensor:
+    """Softmax of this rank's logits (u, C), gathered from every rank: (world.size * u, C)."""
+    return world.all_gather(torch.softmax(logits.detach().float(), dim=-1))
+
+
 def _resume_config(cfg: Stage1Config, total: int, num_classes: int, shape: tuple) -> dict:
     """What a saved state must match to be resumed."""
     d = {k: v for k, v in hashable_dict(cfg).items() if k not in _RESUME_SAFE_FIELDS}
@@ -232,16 +237,19 @@ def train_classifier(cfg: Stage1Config, *, x_lb: np.ndarray, y_lb: np.ndarray, x
         loss_u = loss_f = mask = torch.zeros((), device=device)
         if ssl:
             logits_w, logits_s = logits[b:b + u], logits[b + u:]
+            # the EMA states (alignment, threshold) follow the global batch: with several processes they are
+            # updated from every rank's probabilities first, then used on this rank's share without updating
+            local = not world.distributed
             if align is not None:                       # pseudo-labels from the aligned distribution
-                if world.distributed:                   # p_model follows the global batch
-                    align.update(world.all_gather(torch.softmax(logits_w.detach().float(), dim=-1)))
-                logits_w = align.aligned_logits(logits_w, update=not world.distributed)
+                if not local:
+                    align.update(_global_probs(logits_w, world))
+                logits_w = align.aligned_logits(logits_w, update=local)
             if threshold is None:
                 mask = fixmatch_mask(logits_w, cfg.p_cutoff)
             else:
-                if world.distributed:                   # the threshold state follows the global batch
-                    threshold.update(world.all_gather(torch.softmax(logits_w.detach().float(), dim=-1)))
-                mask = threshold.mask(logits_w, update=not world.distributed)
+                if not local:
+                    threshold.update(_global_probs(logits_w, world))
+                mask = threshold.mask(logits_w, update=local)
                 if cfg.lambda_f > 0:
                     loss_f = fairness_loss(logits_s, mask, threshold)
             loss_u = consistency_loss(logits_s, logits_w, mask, cfg.hard_label, cfg.T)
