@@ -63,7 +63,8 @@ class DataConfig:
 class Stage1Config:
     """Semi-supervised classifier that pseudo-labels every training image (FixMatch / FreeMatch / supervised)."""
 
-    learner: Literal["fixmatch", "freematch", "supervised", "linear-probe"] = "freematch"  # see linear_probe
+    learner: Literal["fixmatch", "freematch", "supervised", "linear-probe", "label-propagation"] = "freematch"
+    # linear-probe: see linear_probe; label-propagation: Poisson learning on encoder features (see graph)
     network: str = "cnn_small"                        # a key of classify.networks.NETWORKS
     iterations: int = 3000
     batch_size: int = 64                              # labeled images per step
@@ -77,6 +78,7 @@ class Stage1Config:
     lambda_u: float = 1.0                             # unlabeled loss weight
     hard_label: bool = True                           # one-hot pseudo-labels (FixMatch/FreeMatch); False: soft
     dist_align: bool = added_later(False)             # ReMixMatch distribution alignment (EMA: threshold_ema)
+    init: Literal["scratch", "encoder"] = added_later("scratch")  # encoder: start from the self-supervised trunk
     T: float = 1.0                                    # sharpening temperature of soft pseudo-labels (hard_label=False)
     threshold_ema: float = 0.999                      # FreeMatch lambda: EMA momentum of the threshold state
     lambda_f: float = 0.01                            # FreeMatch self-adaptive fairness weight (0 disables it)
@@ -119,7 +121,10 @@ class Stage2Config:
 class Stage3Config:
     """Retraining on real data plus pseudo-images."""
 
-    mode: Literal["ssl", "supervised", "linear-probe"] = "ssl"  # linear-probe: refit on labeled + pseudo features
+    mode: Literal["ssl", "supervised", "linear-probe", "label-propagation"] = "ssl"
+    # linear-probe: refit on labeled + pseudo features; label-propagation: pseudo-images join the graph as labeled
+    pseudo_source: Literal["generated", "real"] = added_later("generated")
+    # real: the baseline of plain self-training, K real images per class with stage 1's most confident labels
     pseudo_fraction: float = 0.5                      # share of pseudo-images in each labeled batch
     iterations: int = 0                               # 0: as many as stage 1
 
@@ -131,12 +136,49 @@ class LinearProbeConfig:
     Used when stage1.learner or stage3.mode is `linear-probe`; ignored (and left out of stage hashes) otherwise.
     """
 
-    encoder: Literal["pixels", "inception", "torchscript"] = "inception"
+    encoder: Literal["pixels", "inception", "torchscript", "ssl"] = "inception"  # ssl: the `encoder` section's
     encoder_path: str | None = None                   # torchscript: the file; inception: None = fid-helper's copy
     l2_strength: float = 0.0025                       # lambda of (1/N)[sum CE + lambda/2 ||W||^2] ("0.0025/N")
     max_iter: int = 1000                              # L-BFGS iterations (full batch, float64)
     shard_size: int = 10000                           # images per cached feature shard
     batch_size: int = 256                             # images per encoder forward pass
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """The self-supervised encoder trained on the run's training images without labels (classify/contrastive.py).
+
+    Trained when `linear_probe.encoder: ssl` is used (by a linear-probe or label-propagation learner), cached
+    under `evaluation.cache_dir/encoders/` keyed by these settings and the dataset, so every labeled split and
+    run directory of a dataset shares one encoder. Left out of stage hashes otherwise.
+    """
+
+    objective: Literal["simclr"] = "simclr"
+    network: str = "cnn_small"                        # a classifier trunk (classify.networks, `fc` removed)
+    steps: int = 2000
+    batch_size: int = 256                             # images per step (two views each)
+    lr: float = 2e-3                                  # AdamW, 5 % linear warm-up, cosine decay
+    weight_decay: float = 1e-4
+    temperature: float = 0.2                          # NT-Xent temperature
+    proj_dim: int = 128                               # projection head output (training only)
+    crop_min: float = 0.3                             # random resized crop: smallest area fraction
+    randaugment_ops: int = 2
+    cutout: float = 0.25
+    checkpoint_every: int = 250
+    log_every: int = 50
+
+
+@dataclass(frozen=True)
+class GraphConfig:
+    """Label propagation on a k-NN graph of encoder features (classify/graph.py): Poisson learning.
+
+    Calder, Cook, Thorpe & Slepcev, "Poisson Learning: Graph Based Semi-Supervised Learning at Very Low Label
+    Rates" (ICML 2020), with their class-balanced prior (labels scaled towards uniform class sizes).
+    """
+
+    k: int = 10                                       # neighbours per image
+    max_iter: int = 2000                              # cap on Poisson iterations (stops at random-walk mixing)
+    balanced: bool = True                             # class-size prior: every class gets an equal share
 
 
 @dataclass(frozen=True)
@@ -190,6 +232,8 @@ class ExperimentConfig:
     stage2: Stage2Config = field(default_factory=Stage2Config)
     stage3: Stage3Config = field(default_factory=Stage3Config)
     linear_probe: LinearProbeConfig = field(default_factory=LinearProbeConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    graph: GraphConfig = field(default_factory=GraphConfig)
     latent: LatentConfig = field(default_factory=LatentConfig)
     evaluation: EvalConfig = field(default_factory=EvalConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
@@ -246,6 +290,19 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "linear_probe.max_iter": (lambda v: v > 0, "> 0"),
     "linear_probe.shard_size": (lambda v: v > 0, "> 0"),
     "linear_probe.batch_size": (lambda v: v > 0, "> 0"),
+    "encoder.steps": (lambda v: v > 0, "> 0"),
+    "encoder.batch_size": (lambda v: v >= 2, ">= 2"),
+    "encoder.lr": (lambda v: v > 0, "> 0"),
+    "encoder.weight_decay": (lambda v: v >= 0, ">= 0"),
+    "encoder.temperature": (lambda v: v > 0, "> 0"),
+    "encoder.proj_dim": (lambda v: v > 0, "> 0"),
+    "encoder.crop_min": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "encoder.randaugment_ops": (lambda v: v >= 0, ">= 0"),
+    "encoder.cutout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "encoder.checkpoint_every": (lambda v: v > 0, "> 0"),
+    "encoder.log_every": (lambda v: v > 0, "> 0"),
+    "graph.k": (lambda v: v >= 1, ">= 1"),
+    "graph.max_iter": (lambda v: v >= 1, ">= 1"),
     "latent.latent_channels": (lambda v: v >= 1, ">= 1"),
     "latent.width": (lambda v: v >= 4 and v % 2 == 0, "an even number >= 4"),
     "latent.levels": (lambda v: v >= 1, ">= 1"),

@@ -113,8 +113,12 @@ def train_classifier(cfg: Stage1Config, *, x_lb: np.ndarray, y_lb: np.ndarray, x
                      precision: str, seed: int, x_pseudo: np.ndarray | None = None,
                      y_pseudo: np.ndarray | None = None, pseudo_fraction: float = 0.0,
                      iterations: int | None = None, stop_at: int | None = None,
-                     progress: bool = True, world: World | None = None, desc: str | None = None) -> nn.Module:
+                     progress: bool = True, world: World | None = None, desc: str | None = None,
+                     init_weights: dict[str, torch.Tensor] | None = None) -> nn.Module:
     """Train (or resume from out_dir/state.pt) and return the EMA model in eval mode.
+
+    `init_weights`: a trunk state dict (the self-supervised encoder's, `fc` excluded) the network starts from;
+    the final linear layer keeps its fresh initialisation.
 
     `desc` labels the progress bar (default: "<out_dir name> <learner>", e.g. "stage3 freematch").
 
@@ -160,6 +164,11 @@ def train_classifier(cfg: Stage1Config, *, x_lb: np.ndarray, y_lb: np.ndarray, x
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = build_network(cfg.network, num_classes, C, H)
+    if init_weights is not None:
+        missing, unexpected = model.load_state_dict(init_weights, strict=False)
+        if unexpected or any(not k.startswith("fc.") for k in missing):
+            raise ValueError(f"the encoder's weights do not fit stage1.network={cfg.network!r} "
+                             f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     model = model.to(device, memory_format=torch.channels_last).train()
     ema = copy.deepcopy(model).requires_grad_(False)
     forward = world.wrap(model, device)                                         # DDP when several processes

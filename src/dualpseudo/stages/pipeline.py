@@ -28,8 +28,10 @@ from ..config import ConfigError, ExperimentConfig, config_hash, from_dict, load
 from ..data.datasets import Dataset, load_dataset
 from ..data.splits import labeled_split, read_indices, split_record
 from ..rundir import RunDir
+from ..classify.contrastive import ENCODER_FILE
+from .encoder import check_feature_settings, encoder_key, ensure_encoder, needs_encoder
 
-ALL_STAGES = ("stage1", "stage2", "stage3", "evaluation")
+ALL_STAGES = ("stage1", "stage2", "stage3", "evaluation")  # (+ "encoder" before stage 1 when a learner needs it)
 
 
 class RunDirError(RuntimeError):
@@ -118,22 +120,30 @@ def build_steps(cfg: ExperimentConfig, run: RunDir, ds: Dataset, stages: tuple[s
     if "evaluation" in stages:                            # fail before hours of training, not after them
         from .evaluation import check_oracle_network
         check_oracle_network(cfg.evaluation.oracle_network)
+    check_feature_settings(cfg, ds)
     idx, source = labeled_indices(cfg, ds)
     s1 = run.stage1
     steps: list[Step] = []
+    encoder_file = None
+    if needs_encoder(cfg):                                # the self-supervised encoder, shared across runs
+        enc_dir = run.root / "encoder"
+        encoder_file = enc_dir / ENCODER_FILE
+        steps.append(Step("encoder", enc_dir, encoder_key(cfg, ds), lambda: {"dataset": ds.fingerprint},
+                          lambda: ([ENCODER_FILE], ensure_encoder(cfg, ds, enc_dir, device)), resumable=()))
+    encoder_input = (lambda: {"encoder": _hash_or_missing(encoder_file)}) if encoder_file else (lambda: {})
 
     def stage1() -> tuple[list[str], dict]:
         if distributed.current().is_main:
             write_json(s1 / "split.json", split_record(idx, ds.train_labels, ds.num_classes, ds.fingerprint,
                                                        cfg.data.split_seed, source))
-        m = fit_and_label(cfg, ds, idx, s1, device)
+        m = fit_and_label(cfg, ds, idx, s1, device, encoder_file=encoder_file)
         return ["split.json", "classifier.safetensors", PSEUDO_LABELS, "metrics.json"], _summary(m)
 
-    # The linear-probe settings enter a stage's hash only where they are used, so other runs keep their hashes.
-    probe1 = {"linear_probe": cfg.linear_probe} if cfg.stage1.learner == "linear-probe" else {}
-    probe3 = {"linear_probe": cfg.linear_probe} if probe1 or cfg.stage3.mode == "linear-probe" else {}
+    # The feature-learner settings enter a stage's hash only where they are used, so other runs keep their hashes.
+    probe1 = _feature_sections(cfg, cfg.stage1.learner)
+    probe3 = {**probe1, **_feature_sections(cfg, cfg.stage3.mode)}
     steps.append(Step("stage1", s1, config_hash({"data": cfg.data, "stage1": cfg.stage1, **rt, **probe1}),
-                      lambda: {"dataset": ds.fingerprint}, stage1))
+                      lambda: {"dataset": ds.fingerprint, **encoder_input()}, stage1))
     if last < 1:
         return steps
 
@@ -160,13 +170,15 @@ def build_steps(cfg: ExperimentConfig, run: RunDir, ds: Dataset, stages: tuple[s
             def stage3(d2=d2, d3=d3):
                 base = _stage1_top1(s1)
                 shared = s1 / "features" if probe1 else None      # stage 1's cached features of the real images
-                m = run_stage3(cfg, ds, idx, d2 / PSEUDO_IMAGES, d3, device, base, feature_cache=shared)
+                m = run_stage3(cfg, ds, idx, d2 / PSEUDO_IMAGES, d3, device, base, feature_cache=shared,
+                               encoder_file=encoder_file, stage1_labels=s1 / PSEUDO_LABELS)
                 return ["classifier.safetensors", PSEUDO_LABELS, "metrics.json"], _summary(m)
 
             steps.append(Step(f"{tag}stage3", d3, config_hash({"stage3": cfg.stage3, "stage1": cfg.stage1,
                                                                "hflip": cfg.data.hflip, **rt, **probe3}),
                               lambda d2=d2: {"pseudo_images": _hash_or_missing(d2 / PSEUDO_IMAGES),
-                                             "split": _hash_or_missing(s1 / "split.json")}, stage3))
+                                             "split": _hash_or_missing(s1 / "split.json"), **encoder_input(),
+                                             **_real_pseudo_input(cfg, s1 / PSEUDO_LABELS)}, stage3))
         if last >= 3:
             def evaluation(d2=d2, de=de):
                 from .evaluation import run_evaluation
@@ -182,6 +194,20 @@ def build_steps(cfg: ExperimentConfig, run: RunDir, ds: Dataset, stages: tuple[s
                               lambda d2=d2: {"pseudo_images": _hash_or_missing(d2 / PSEUDO_IMAGES)}, evaluation,
                               resumable=()))
     return steps
+
+
+def _feature_sections(cfg: ExperimentConfig, learner: str) -> dict:
+    """The config sections a feature learner depends on (none for the network learners)."""
+    if learner == "linear-probe":
+        return {"linear_probe": cfg.linear_probe}
+    if learner == "label-propagation":
+        return {"linear_probe": cfg.linear_probe, "graph": cfg.graph}
+    return {}
+
+
+def _real_pseudo_input(cfg: ExperimentConfig, stage1_labels: Path) -> dict:
+    """Stage 3's extra input when it takes real images with stage 1's labels (`pseudo_source: real`)."""
+    return {"stage1_labels": _hash_or_missing(stage1_labels)} if cfg.stage3.pseudo_source == "real" else {}
 
 
 def _hash_or_missing(path: Path) -> str:

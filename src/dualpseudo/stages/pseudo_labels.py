@@ -6,7 +6,11 @@ to report the final EMA model's top-1, never to pick a model or a setting.
 
 With `learner: linear-probe` (the paper's ImageNet recipe) both stages instead fit a logistic regression on
 frozen-encoder features (`classify/linear.py`): stage 1 on the labeled images, stage 3 on the labeled images plus
-the pseudo-images; every training image is then labeled from its cached features.
+the pseudo-images; every training image is then labeled from its cached features. With
+`learner: label-propagation` both stages run Poisson learning (`classify/graph.py`) on a k-NN graph of the same
+features: stage 1 over the training images, stage 3 with the pseudo-images joining the graph as labeled nodes.
+The frozen encoder of both is `linear_probe.encoder`; `ssl` is the run's self-supervised encoder
+(`classify/contrastive.py`), whose weights file the pipeline passes as `encoder_file`.
 """
 from __future__ import annotations
 
@@ -17,11 +21,14 @@ import numpy as np
 import torch
 
 from ..artifacts import save_npz, write_json
+from ..artifacts import load_weights, save_weights
+from ..classify import graph
 from ..classify.linear import build_encoder, cached_features, fit_objective, fit_probe, probe_predict, save_probe
 from ..classify.train import predict, save_classifier, train_classifier
 from ..config import ExperimentConfig
 from ..distributed import current
 from ..data.datasets import Dataset
+from .encoder import FEATURE_LEARNERS
 from ..evaluate.classification import confusion_matrix, per_class_accuracy, pseudo_label_report, top1
 
 PSEUDO_LABELS = "pseudo_labels.npz"
@@ -32,7 +39,8 @@ METRICS = "metrics.json"
 def fit_and_label(cfg: ExperimentConfig, ds: Dataset, labeled_idx: np.ndarray, out: Path, device: torch.device, *,
                   x_pseudo: np.ndarray | None = None, y_pseudo: np.ndarray | None = None,
                   learner: str | None = None, iterations: int | None = None, pseudo_fraction: float = 0.0,
-                  feature_cache: Path | None = None, progress: bool = True) -> dict:
+                  feature_cache: Path | None = None, encoder_file: Path | None = None,
+                  progress: bool = True) -> dict:
     """Train the classifier into `out`, write classifier, pseudo-labels and metrics; return the metrics.
 
     `feature_cache` (linear probe): where the real images' features are cached, default `out/features`; stage 3
@@ -42,15 +50,23 @@ def fit_and_label(cfg: ExperimentConfig, ds: Dataset, labeled_idx: np.ndarray, o
     return {}.
     """
     s1 = cfg.stage1 if learner is None else replace(cfg.stage1, learner=learner)
-    if s1.learner == "linear-probe":
-        return _fit_and_label_probe(cfg, ds, labeled_idx, out, device, x_pseudo, y_pseudo, progress,
-                                    feature_cache or out / "features")
+    if s1.learner in FEATURE_LEARNERS:
+        if not current().is_main:                       # features and fits are cheap: rank 0 alone runs them
+            return {}
+        features = _feature_fn(cfg, device, out, feature_cache or out / "features", encoder_file, progress)
+        fit = _fit_and_label_probe if s1.learner == "linear-probe" else _fit_and_label_graph
+        return fit(cfg, ds, labeled_idx, out, features, x_pseudo, y_pseudo)
     x_lb, y_lb = ds.train_images[labeled_idx], ds.train_labels[labeled_idx]
+    init = None
+    if s1.init == "encoder":
+        if encoder_file is None:
+            raise ValueError("stage1.init=encoder needs the trained encoder's file (the pipeline passes it)")
+        init = load_weights(encoder_file, "dualpseudo_encoder", "dualpseudo encoder")[0]
     model = train_classifier(
         s1, x_lb=x_lb, y_lb=y_lb, x_ulb=ds.train_images, num_classes=ds.num_classes, hflip=cfg.data.hflip,
         out_dir=out, device=device, precision=cfg.runtime.precision, seed=cfg.runtime.seed,
         x_pseudo=x_pseudo, y_pseudo=y_pseudo, pseudo_fraction=pseudo_fraction, iterations=iterations,
-        progress=progress)
+        progress=progress, init_weights=init)
     if not current().is_main:
         return {}
     save_classifier(out / CLASSIFIER, model, {
@@ -94,44 +110,94 @@ def _label_and_measure(ds: Dataset, labeled_idx: np.ndarray, out: Path, probs: n
     return metrics
 
 
-def _fit_and_label_probe(cfg: ExperimentConfig, ds: Dataset, labeled_idx: np.ndarray, out: Path,
-                         device: torch.device, x_pseudo: np.ndarray | None, y_pseudo: np.ndarray | None,
-                         progress: bool, feature_cache: Path) -> dict:
-    """The linear-probe learner: cached encoder features, logistic regression, labels for every image.
-
-    Features are centred with the mean over all real training images (stage 1 and 3 alike) and fitted on the
-    labeled images, plus the pseudo-images when given (stage 3). Rank 0 alone runs it; the others return {}.
-    """
-    if not current().is_main:
-        return {}
+def _feature_fn(cfg: ExperimentConfig, device: torch.device, out: Path, feature_cache: Path,
+                encoder_file: Path | None, progress: bool):
+    """`features(images, name) -> (N, D)`: the frozen encoder's features, cached by name ("train", "test" in
+    `feature_cache`, shared by stages 1 and 3; "pseudo" in `out/features`); `.meta` describes the encoder."""
     lp = cfg.linear_probe
-    encoder = build_encoder(lp.encoder, lp.encoder_path, cfg.runtime.precision)
+    if lp.encoder == "ssl":
+        from ..classify.contrastive import EncoderFeatures
+        if encoder_file is None:
+            raise ValueError("linear_probe.encoder=ssl needs the trained encoder's file (the pipeline passes it)")
+        encoder = EncoderFeatures(encoder_file, cfg.runtime.precision)
+    else:
+        encoder = build_encoder(lp.encoder, lp.encoder_path, cfg.runtime.precision)
 
     def features(images: np.ndarray, name: str) -> np.ndarray:
         cache = (out / "features" if name == "pseudo" else feature_cache) / name
         return cached_features(encoder, images, cache, extractor_id=encoder.extractor_id,
                                shard_size=lp.shard_size, batch_size=lp.batch_size, device=device, progress=progress)
 
+    features.device = device
+    features.meta = {"encoder": lp.encoder, "encoder_path": lp.encoder_path, "extractor_id": encoder.extractor_id}
+    return features
+
+
+def _fit_and_label_probe(cfg: ExperimentConfig, ds: Dataset, labeled_idx: np.ndarray, out: Path, features,
+                         x_pseudo: np.ndarray | None, y_pseudo: np.ndarray | None) -> dict:
+    """The linear-probe learner: cached encoder features, logistic regression, labels for every image.
+
+    Features are centred with the mean over all real training images (stage 1 and 3 alike) and fitted on the
+    labeled images, plus the pseudo-images when given (stage 3).
+    """
+    lp = cfg.linear_probe
     f_train = features(ds.train_images, "train")                           # (N, D)
     f_fit, y_fit = f_train[labeled_idx], ds.train_labels[labeled_idx]
     if x_pseudo is not None and len(x_pseudo):
         f_fit = np.concatenate([f_fit, features(x_pseudo, "pseudo")])
         y_fit = np.concatenate([y_fit, np.asarray(y_pseudo, dtype=np.int64)])
-    probe = fit_probe(f_fit, y_fit, f_train, ds.num_classes, lp.l2_strength, max_iter=lp.max_iter, device=device)
+    probe = fit_probe(f_fit, y_fit, f_train, ds.num_classes, lp.l2_strength, max_iter=lp.max_iter,
+                      device=features.device)
     save_probe(out / CLASSIFIER, probe, {
-        "encoder": lp.encoder, "encoder_path": lp.encoder_path, "extractor_id": encoder.extractor_id,
-        "feature_dim": int(f_train.shape[1]), "l2_strength": lp.l2_strength, "num_classes": ds.num_classes,
-        "in_channels": ds.image_shape[2], "image_size": ds.image_shape[0], "class_names": list(ds.class_names)})
+        **features.meta, "feature_dim": int(f_train.shape[1]), "l2_strength": lp.l2_strength,
+        "num_classes": ds.num_classes, "in_channels": ds.image_shape[2], "image_size": ds.image_shape[0], "class_names": list(ds.class_names)})
 
     test_probs = probe_predict(probe, features(ds.test_images, "test")) if len(ds.test_images) else None
     metrics = _label_and_measure(ds, labeled_idx, out, probe_predict(probe, f_train), test_probs,
                                  "logistic regression at its optimum (no selection on the test split)")
     metrics["learner"] = "linear-probe"
     metrics["network"] = f"{lp.encoder} features + logistic regression"
-    metrics["linear_probe"] = {"encoder": lp.encoder, "extractor_id": encoder.extractor_id,
-                               "feature_dim": int(f_train.shape[1]), "l2_strength": lp.l2_strength,
+    metrics["linear_probe"] = {**features.meta, "feature_dim": int(f_train.shape[1]), "l2_strength": lp.l2_strength,
                                "num_fit_images": int(len(y_fit)),
                                "fit_objective": fit_objective(probe, f_fit, y_fit, lp.l2_strength)}
+    write_json(out / METRICS, metrics)
+    return metrics
+
+
+def _fit_and_label_graph(cfg: ExperimentConfig, ds: Dataset, labeled_idx: np.ndarray, out: Path, features,
+                         x_pseudo: np.ndarray | None, y_pseudo: np.ndarray | None) -> dict:
+    """The label-propagation learner: Poisson learning on the k-NN graph of the training images' features.
+
+    Stage 3 adds the pseudo-images to the graph as labeled nodes. The class-size prior is the labeled images'
+    class distribution (real + pseudo), enforced over the unlabeled real images. Test images take the scores
+    of their nearest graph nodes. The saved "classifier" is the graph's scores with the encoder's identity.
+    """
+    g = cfg.graph
+    f_train = features(ds.train_images, "train")                           # (N, D)
+    nodes, labeled, labels = f_train, np.asarray(labeled_idx), ds.train_labels[labeled_idx]
+    if x_pseudo is not None and len(x_pseudo):
+        f_ps = features(x_pseudo, "pseudo")
+        nodes = np.concatenate([f_train, f_ps])
+        labeled = np.concatenate([labeled, len(f_train) + np.arange(len(f_ps))])
+        labels = np.concatenate([labels, np.asarray(y_pseudo, dtype=np.int64)])
+    pool = np.setdiff1d(np.arange(len(f_train)), labeled_idx)
+    result = graph.propagate(nodes, labeled, labels, ds.num_classes, k=g.k, max_iter=g.max_iter,
+                             balanced=g.balanced, score_of=pool)
+    scores = result["scores"]                                              # (N [+ P], C)
+    save_weights(out / CLASSIFIER, {"scores": scores.float().contiguous()}, {
+        "network": "label-propagation", **features.meta, "k": g.k, "num_classes": ds.num_classes,
+        "num_nodes": int(len(nodes)), "in_channels": ds.image_shape[2], "image_size": ds.image_shape[0],
+        "class_names": list(ds.class_names)}, "dualpseudo_graph")
+    test_probs = None
+    if len(ds.test_images):
+        test_probs = graph.probabilities(graph.predict_new(nodes, scores, features(ds.test_images, "test"), g.k))
+    metrics = _label_and_measure(ds, labeled_idx, out, graph.probabilities(scores[:len(f_train)]), test_probs,
+                                 "Poisson learning at convergence (no selection on the test split)")
+    metrics["learner"] = "label-propagation"
+    metrics["network"] = f"{features.meta['encoder']} features + Poisson learning (k={g.k})"
+    metrics["graph"] = {**features.meta, "k": g.k, "balanced": g.balanced, "iterations": result["iterations"],
+                        "num_nodes": int(len(nodes)), "num_labeled_nodes": int(len(labeled)),
+                        "class_offsets": result["offsets"].tolist()}
     write_json(out / METRICS, metrics)
     return metrics
 

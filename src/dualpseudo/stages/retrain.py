@@ -5,6 +5,11 @@ unlabeled pool (the paper's CIFAR-10 recipe); `mode: supervised` trains on real 
 `stage3.pseudo_fraction` sets the share of pseudo-images in each labeled batch. `mode: linear-probe` refits the
 logistic regression on frozen-encoder features of the real labeled images plus the pseudo-images (the paper's
 ImageNet recipe; the unlabeled real images only give the centring mean and receive new labels).
+`mode: label-propagation` runs Poisson learning again with the pseudo-images as labeled nodes of the graph.
+
+`pseudo_source: real` is the baseline that tells what the generator adds: instead of generated images, stage 3
+takes, for every class, the K real unlabeled images that stage 1 labeled that class most confidently (plain
+self-training with the same number of extra labeled images).
 """
 from __future__ import annotations
 
@@ -19,22 +24,45 @@ from ..distributed import current
 from ..data.datasets import Dataset
 from .pseudo_labels import METRICS, fit_and_label
 
+LEARNER_OF_MODE = {"supervised": "supervised", "linear-probe": "linear-probe",
+                   "label-propagation": "label-propagation"}          # ssl: stage 1's own learner
+
+
+def most_confident_real(pseudo_labels: dict, per_class: int, num_classes: int) -> np.ndarray:
+    """Indices of the `per_class` unlabeled images with the highest confidence for each class (by label).
+
+    Ties break by index; a class with fewer pseudo-labeled images gives all it has. Returns (<= C * K,) int."""
+    label, conf, is_lb = pseudo_labels["label"], pseudo_labels["confidence"], pseudo_labels["is_labeled"]
+    out = []
+    for c in range(num_classes):
+        idx = np.flatnonzero((label == c) & ~is_lb)
+        order = np.lexsort((idx, -conf[idx]))                   # confidence descending, then index
+        out.append(idx[order[:per_class]])
+    return np.concatenate(out).astype(np.int64)
+
 
 def run_stage3(cfg: ExperimentConfig, ds: Dataset, labeled_idx: np.ndarray, pseudo_images: Path, out: Path,
                device: torch.device, baseline_top1: float | None, progress: bool = True,
-               feature_cache: Path | None = None) -> dict:
+               feature_cache: Path | None = None, encoder_file: Path | None = None,
+               stage1_labels: Path | None = None) -> dict:
     """Fit the classifier on real + pseudo-images; metrics include the change of test top-1 against stage 1."""
-    gen = load_npz(pseudo_images, ("images", "labels"))
     s3 = cfg.stage3
+    if s3.pseudo_source == "real":
+        pl = load_npz(stage1_labels, ("label", "confidence", "is_labeled"))
+        pick = most_confident_real(pl, cfg.stage2.images_per_class, ds.num_classes)
+        x_pseudo, y_pseudo = ds.train_images[pick], pl["label"][pick]
+    else:
+        gen = load_npz(pseudo_images, ("images", "labels"))
+        x_pseudo, y_pseudo = gen["images"], gen["labels"]
     metrics = fit_and_label(
-        cfg, ds, labeled_idx, out, device, x_pseudo=gen["images"], y_pseudo=gen["labels"],
-        learner={"supervised": "supervised", "linear-probe": "linear-probe"}.get(s3.mode),
-        iterations=s3.iterations or None, pseudo_fraction=s3.pseudo_fraction, feature_cache=feature_cache,
-        progress=progress)
+        cfg, ds, labeled_idx, out, device, x_pseudo=x_pseudo, y_pseudo=y_pseudo,
+        learner=LEARNER_OF_MODE.get(s3.mode), iterations=s3.iterations or None, pseudo_fraction=s3.pseudo_fraction,
+        feature_cache=feature_cache, encoder_file=encoder_file, progress=progress)
     if not current().is_main:
         return metrics
     metrics["mode"] = s3.mode
-    metrics["num_pseudo_images"] = int(len(gen["labels"]))
+    metrics["pseudo_source"] = s3.pseudo_source
+    metrics["num_pseudo_images"] = int(len(y_pseudo))
     if baseline_top1 is not None and "test" in metrics:
         metrics["stage1_test_top1"] = baseline_top1
         metrics["delta_top1"] = metrics["test"]["top1"] - baseline_top1

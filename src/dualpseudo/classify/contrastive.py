@@ -1,0 +1,244 @@
+"""A self-supervised encoder trained on the run's own images without labels: SimCLR (Chen et al., ICML 2020).
+
+Dual Pseudo Training's ImageNet recipe (You et al., NeurIPS 2023) classifies with a linear probe on a frozen
+self-supervised encoder (MSN), so that the unlabeled images reach the classifier through the encoder and the
+generator, not through the labels. This module is the CPU-sized counterpart: a classifier trunk from
+`classify.networks` (its `fc` replaced by the identity, so `cnn_small` gives 256-d pooled features), a two-layer
+projection head, and the NT-Xent loss over two augmented views of every image in the batch:
+
+    loss = mean_i -log( exp(s(z_i, z_i+) / t) / sum_{j != i} exp(s(z_i, z_j) / t) ),   s = cosine similarity
+
+over the 2B projections of a batch of B images. SimCLR is chosen over the other joint-embedding objectives
+because it needs no momentum encoder, predictor or prototype bank (BYOL/SimSiam collapse without their
+asymmetry tricks; DINO/MSN need many prototypes and temperature schedules), and it learns usable features in a
+few thousand small-batch steps. Views are a random resized crop followed by FixMatch's strong augmentation
+(`augment.strong`: RandAugment and Cutout), so the batched on-device augmentation is shared with stage 1.
+
+Training resumes exactly from `state.pt` (weights, optimizer, augmentation generator, step): the batch order is
+a pure function of (seed, step). With several processes each rank contrasts its own share of the batch
+(negatives are the rank's own images) and DDP averages the gradients.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..artifacts import ArtifactError, file_hash, load_torch, load_weights, save_torch, save_weights, write_text
+from ..config import EncoderConfig, hashable_dict
+from ..distributed import World, current
+from ..runtime import autocast
+from . import augment
+from .networks import build_network
+from .train import EpochSampler, _to_device_uint8, _to_float
+
+ENCODER_FILE = "encoder.safetensors"
+STATE_FILE = "state.pt"
+STATS_FILE = "stats.jsonl"
+META_KEY = "dualpseudo_encoder"
+_RESUME_SAFE_FIELDS = ("checkpoint_every", "log_every", "batch_size_features")
+
+
+def trunk(network: str, in_channels: int, image_size: int) -> tuple[nn.Module, int]:
+    """A classifier network with its final linear layer replaced by the identity: (module, feature dim)."""
+    net = build_network(network, 1, in_channels, image_size)
+    if not isinstance(getattr(net, "fc", None), nn.Linear):
+        raise ValueError(f"encoder.network={network!r} has no final linear layer `fc` to remove")
+    dim = net.fc.in_features
+    net.fc = nn.Identity()
+    return net, dim
+
+
+class ContrastiveModel(nn.Module):
+    """trunk (N, C, H, W) in [-1, 1] -> features h (N, D); head h -> projection z (N, proj_dim)."""
+
+    def __init__(self, network: str, in_channels: int, image_size: int, proj_dim: int):
+        super().__init__()
+        self.trunk, dim = trunk(network, in_channels, image_size)
+        self.head = nn.Sequential(nn.Linear(dim, dim, bias=False), nn.BatchNorm1d(dim), nn.ReLU(inplace=True),
+                                  nn.Linear(dim, proj_dim))
+        self.dim = dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.trunk(x))
+
+
+def nt_xent(z: torch.Tensor, temperature: float) -> torch.Tensor:
+    """NT-Xent of projections z (2B, P) whose rows i and i + B are the two views of image i; a scalar."""
+    n = len(z)
+    if n % 2 or n < 4:
+        raise ValueError(f"nt_xent needs an even number >= 4 of projections, got {n}")
+    z = F.normalize(z.float(), dim=1)
+    sim = z @ z.T / temperature                                           # (2B, 2B)
+    sim = sim.masked_fill(torch.eye(n, dtype=torch.bool, device=z.device), float("-inf"))
+    b = n // 2
+    positive = torch.cat([torch.arange(b, n), torch.arange(0, b)]).to(z.device)
+    return F.cross_entropy(sim, positive)
+
+
+def resized_crop(x: torch.Tensor, generator: torch.Generator, scale: tuple[float, float]) -> torch.Tensor:
+    """Random resized crop: area fraction U(scale), aspect log-uniform in [3/4, 4/3], back to full size.
+
+    (N, C, H, W) -> (N, C, H, W); one `affine_grid`/`grid_sample` for the batch."""
+    n = len(x)
+    r = lambda: torch.rand(n, device=x.device, generator=generator)
+    area = scale[0] + (scale[1] - scale[0]) * r()
+    log_ratio = math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * r()
+    ratio = log_ratio.exp()
+    sw, sh = (area * ratio).sqrt().clamp(max=1.0), (area / ratio).sqrt().clamp(max=1.0)   # side fractions
+    cx, cy = (1 - sw) * (2 * r() - 1), (1 - sh) * (2 * r() - 1)        # crop centres in normalised coordinates
+    theta = torch.zeros(n, 2, 3, device=x.device, dtype=x.dtype)
+    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = sw, cx, sh, cy
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def view(x: torch.Tensor, generator: torch.Generator, cfg: EncoderConfig, hflip: bool) -> torch.Tensor:
+    """One contrastive view of float images (N, C, H, W) in [-1, 1]: resized crop, then strong augmentation."""
+    x = resized_crop(x, generator, (cfg.crop_min, 1.0))
+    return augment.strong(x, generator, hflip, cfg.randaugment_ops, cfg.cutout)
+
+
+def _resume_key(cfg: EncoderConfig, shape: tuple, num_images: int, seed: int) -> dict:
+    d = {k: v for k, v in hashable_dict(cfg).items() if k not in _RESUME_SAFE_FIELDS}
+    return {"encoder": d, "image_shape": list(shape), "num_images": num_images, "seed": seed}
+
+
+def _load_state(path: Path, key: dict, model: nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator,
+                world: World, device: torch.device) -> int:
+    """Restore a saved training state into model/opt/gen; returns its step (0 when there is none)."""
+    if not path.is_file():
+        return 0
+    state = load_torch(path, map_location=device)
+    if not isinstance(state, dict) or state.get("resume_key") != key:
+        raise ArtifactError(f"{path} was written with other encoder settings or images; delete it to start over")
+    try:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        ranks = state["rng"]
+        if world.rank < len(ranks):
+            gen.set_state(ranks[world.rank].cpu())
+        return int(state["step"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise ArtifactError(f"{path} is not a usable encoder training state ({type(e).__name__}: "
+                            f"{str(e)[:200]}); delete it to start over") from None
+
+
+def train_encoder(cfg: EncoderConfig, images: np.ndarray, out_dir: str | Path, *, hflip: bool,
+                  device: str | torch.device, precision: str, seed: int, stop_at: int | None = None,
+                  progress: bool = True, world: World | None = None) -> ContrastiveModel:
+    """Train (or resume from out_dir/state.pt) SimCLR on uint8 images (N, H, W[, C]); the model in eval mode.
+
+    `stop_at` ends this call early at that step (state saved), the schedule still spanning `cfg.steps`.
+    Rank 0 alone writes files."""
+    world = current() if world is None else world
+    device = torch.device(device)
+    out_dir = Path(out_dir)
+    data = _to_device_uint8(images, "encoder images", device)                     # (N, C, H, W) uint8
+    _, C, H, W = data.shape
+    if min(H, W) < 16:
+        raise ValueError(f"encoder: images of {H}x{W} px are too small for encoder.network={cfg.network!r} "
+                         f"(needs at least 16x16)")
+    B = world.per_rank(cfg.batch_size, "encoder.batch_size")
+    if B * world.size > len(data):
+        raise ValueError(f"encoder.batch_size={cfg.batch_size} is larger than the {len(data)} training images")
+    part = slice(world.rank, None, world.size)
+    sampler = EpochSampler(len(data), cfg.batch_size, seed + 7)
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = ContrastiveModel(cfg.network, C, H, cfg.proj_dim)
+    model = model.to(device, memory_format=torch.channels_last).train()
+    forward = world.wrap(model, device)
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    gen = torch.Generator(device=device).manual_seed(seed + 31 + 1_000_003 * world.rank)
+    key = _resume_key(cfg, (C, H, W), len(data), seed)
+    state_path, stats_path = out_dir / STATE_FILE, out_dir / STATS_FILE
+    step = _load_state(state_path, key, model, opt, gen, world, device)
+    stats = []
+    if step and stats_path.is_file():
+        stats = [l for l in stats_path.read_text().splitlines() if l and json.loads(l)["step"] <= step]
+
+    def save_state() -> None:
+        ranks = [s.cpu() for s in world.gather(gen.get_state().cpu())] if world.distributed else [gen.get_state()]
+        if world.is_main:
+            save_torch(state_path, {"step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                                    "rng": ranks, "resume_key": key})
+
+    total = cfg.steps
+    end = total if stop_at is None else min(total, stop_at)
+    warmup = max(1, int(0.05 * total))
+    bar = tqdm(total=total, initial=step, disable=not progress or not world.is_main, desc="encoder simclr",
+               dynamic_ncols=True)
+    t_log, window = time.time(), []
+    while step < end:
+        lr = cfg.lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / total))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        x = _to_float(data[sampler.batch(step)[part].to(device)])                 # (B, C, H, W)
+        inputs = torch.cat([view(x, gen, cfg, hflip), view(x, gen, cfg, hflip)])   # (2B, C, H, W)
+        with autocast(device, precision):
+            z = forward(inputs.contiguous(memory_format=torch.channels_last))
+        loss = nt_xent(z, cfg.temperature)
+        if not world.all_true(torch.isfinite(loss), device):
+            bar.close()
+            raise FloatingPointError(f"non-finite encoder loss at step {step}; the state saved at step "
+                                     f"{step - step % cfg.checkpoint_every} is the last good one. Lower encoder.lr")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        bar.update(1)
+        window.append(loss.detach())
+        if step % cfg.log_every == 0 or step == end:
+            now = time.time()
+            mean = float(torch.stack(window).mean())
+            stats.append(json.dumps({"step": step, "loss": mean, "lr": lr,
+                                     "steps_per_s": round(len(window) / max(now - t_log, 1e-9), 3)}))
+            if world.is_main:
+                write_text(stats_path, "\n".join(stats) + "\n")
+            bar.set_postfix(loss=f"{mean:.3f}")
+            t_log, window = now, []
+        if step % cfg.checkpoint_every == 0 or step == end:
+            save_state()
+    bar.close()
+    return model.eval()
+
+
+def save_encoder(path: str | Path, model: ContrastiveModel, meta: dict) -> Path:
+    """The trunk's weights (the head is training-only) as safetensors with `meta` (network, channels, size)."""
+    return save_weights(path, model.trunk.state_dict(), {"feature_dim": model.dim, **meta}, META_KEY)
+
+
+class EncoderFeatures(nn.Module):
+    """uint8 (N, H, W, C) -> float32 (N, D) trunk features of a saved encoder (a `linear_probe` encoder)."""
+
+    def __init__(self, path: str | Path, precision: str = "fp32"):
+        super().__init__()
+        tensors, meta = load_weights(path, META_KEY, "dualpseudo encoder")
+        try:
+            self.net, _ = trunk(meta["network"], int(meta["in_channels"]), int(meta["image_size"]))
+            self.net.load_state_dict(tensors)
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise ArtifactError(f"{path} is not a usable dualpseudo encoder ({type(e).__name__}: "
+                                f"{str(e)[:200]}); delete it to rebuild") from None
+        self.net.eval()
+        self.precision = precision
+        self.meta = meta
+        self.extractor_id = f"ssl:{file_hash(path)}:{precision}"
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = _to_float(images.permute(0, 3, 1, 2)).contiguous(memory_format=torch.channels_last)
+        with autocast(x.device, self.precision):
+            h = self.net(x)
+        return h.float()

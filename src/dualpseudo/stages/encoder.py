@@ -1,0 +1,84 @@
+"""The self-supervised encoder step: trained once per dataset and encoder config, shared by every run.
+
+The encoder sees the training images without labels, so it does not depend on the labeled split: it is trained
+in `evaluation.cache_dir/encoders/<key>/` (resumable there: `state.pt`, `stats.jsonl`), keyed by the encoder
+settings, the dataset's fingerprint, flips, seed and precision, and every run directory of that dataset copies
+the finished weights into its own `encoder/` folder. Stage 1 and stage 3 read that copy, and its hash is one of
+their inputs, so a retrained encoder re-runs them.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..artifacts import atomic_write
+from ..classify.contrastive import ENCODER_FILE, STATS_FILE, save_encoder, train_encoder
+from ..config import ConfigError, ExperimentConfig, config_hash
+from ..data.datasets import Dataset
+from ..distributed import current
+
+FEATURE_LEARNERS = ("linear-probe", "label-propagation")
+
+
+def needs_encoder(cfg: ExperimentConfig) -> bool:
+    """True when a stage's learner reads features of the run's self-supervised encoder."""
+    uses_features = cfg.stage1.learner in FEATURE_LEARNERS or cfg.stage3.mode in FEATURE_LEARNERS
+    return (uses_features and cfg.linear_probe.encoder == "ssl") or cfg.stage1.init == "encoder"
+
+
+def check_feature_settings(cfg: ExperimentConfig, ds: Dataset) -> None:
+    """Fail before any training when the encoder or the graph cannot work on this dataset (ConfigError)."""
+    from ..classify.networks import NETWORKS
+
+    n = len(ds.train_images)
+    if needs_encoder(cfg):
+        e = cfg.encoder
+        if e.network not in NETWORKS:
+            raise ConfigError(f"encoder.network: {e.network!r} is not one of {sorted(NETWORKS)}")
+        h, w = ds.image_shape[:2]
+        if min(h, w) < 16:
+            raise ConfigError(f"encoder.network: {e.network!r} needs images of at least 16x16 px, but the data's "
+                              f"are {h}x{w}; use linear_probe.encoder=pixels (or a torchscript encoder) instead")
+        if cfg.stage1.init == "encoder" and cfg.stage1.network != e.network:
+            raise ConfigError(f"stage1.init: 'encoder' starts stage1.network={cfg.stage1.network!r} from the trunk "
+                              f"of encoder.network={e.network!r}; set both to the same network")
+        if e.batch_size > n:
+            raise ConfigError(f"encoder.batch_size: {e.batch_size} is larger than the {n} training images")
+    if "label-propagation" in (cfg.stage1.learner, cfg.stage3.mode) and cfg.graph.k >= n:
+        raise ConfigError(f"graph.k: {cfg.graph.k} neighbours per image, but the graph has only {n} training "
+                          f"images; choose graph.k < {n}")
+
+
+def encoder_key(cfg: ExperimentConfig, ds: Dataset) -> str:
+    rt = cfg.runtime
+    return config_hash({"encoder": cfg.encoder, "dataset": ds.fingerprint, "hflip": cfg.data.hflip,
+                        "seed": rt.seed, "precision": rt.precision})
+
+
+def ensure_encoder(cfg: ExperimentConfig, ds: Dataset, out: Path, device: torch.device,
+                   progress: bool = True) -> dict:
+    """Train (or reuse, or resume) the shared encoder and copy it into `out`; a summary for the manifest."""
+    world = current()
+    key = encoder_key(cfg, ds)
+    shared = Path(cfg.evaluation.cache_dir).expanduser() / "encoders" / key
+    if world.is_main:
+        shared.mkdir(parents=True, exist_ok=True)
+    world.barrier()
+    trained = shared / ENCODER_FILE
+    reused = trained.is_file()
+    if not reused:
+        model = train_encoder(cfg.encoder, ds.train_images, shared, hflip=cfg.data.hflip, device=device,
+                              precision=cfg.runtime.precision, seed=cfg.runtime.seed, progress=progress)
+        if world.is_main:
+            save_encoder(trained, model, {"network": cfg.encoder.network, "in_channels": ds.image_shape[2],
+                                          "image_size": ds.image_shape[0], "objective": cfg.encoder.objective,
+                                          "steps": cfg.encoder.steps, "dataset": ds.fingerprint})
+        world.barrier()
+    if world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        for name in (ENCODER_FILE, STATS_FILE):
+            if (shared / name).is_file():
+                data = (shared / name).read_bytes()
+                atomic_write(out / name, lambda f, data=data: f.write(data))
+    return {"key": key, "shared_dir": str(shared), "reused_shared": reused}

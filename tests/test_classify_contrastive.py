@@ -1,0 +1,97 @@
+"""The self-supervised encoder (classify/contrastive.py): the NT-Xent loss by hand, views, a falling loss, exact
+resume, the weights round trip and the feature cache keyed by the encoder's weights."""
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from dualpseudo.classify.contrastive import (EncoderFeatures, nt_xent, resized_crop, save_encoder, train_encoder,
+                                             view)
+from dualpseudo.classify.linear import cached_features
+from dualpseudo.config import EncoderConfig
+from dualpseudo.data.datasets import make_synthetic
+
+TINY = EncoderConfig(steps=24, batch_size=32, checkpoint_every=6, log_every=6, lr=3e-3)
+
+
+def _images():
+    return make_synthetic(num_classes=4, train_per_class=24, test_per_class=2, size=16, channels=1).train_images
+
+
+def test_nt_xent_by_hand():
+    # two images, two views each, projections e1, e2, e1, e2: each row's positive has similarity 1 and its two
+    # negatives 0, so every row's loss is -log(e^{1/t} / (e^{1/t} + 2)) = log(1 + 2 e^{-1/t})
+    e1, e2 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 3.0])
+    t = 0.5
+    loss = nt_xent(torch.stack([e1, e2, e1, e2]), t)
+    assert loss.item() == pytest.approx(math.log(1 + 2 * math.exp(-1 / t)), rel=1e-6)
+    with pytest.raises(ValueError):
+        nt_xent(torch.zeros(3, 2), t)
+
+
+def test_views_keep_shape_and_range_and_are_seeded():
+    x = torch.rand(8, 1, 16, 16) * 2 - 1
+    a = view(x, torch.Generator().manual_seed(0), TINY, hflip=False)
+    b = view(x, torch.Generator().manual_seed(0), TINY, hflip=False)
+    assert a.shape == x.shape and torch.equal(a, b) and a.min() >= -1 and a.max() <= 1
+    full = resized_crop(x, torch.Generator().manual_seed(0), (1.0, 1.0))   # whole image at aspect ~1: ~identity
+    assert (full - x).abs().mean() < 0.35
+
+
+def test_encoder_loss_falls(tmp_path):
+    images = _images()
+    cfg = dataclasses.replace(TINY, steps=60, log_every=10)
+    train_encoder(cfg, images, tmp_path, hflip=False, device="cpu", precision="fp32", seed=0, progress=False)
+    losses = [json.loads(l)["loss"] for l in (tmp_path / "stats.jsonl").read_text().splitlines()]
+    assert len(losses) == 6 and losses[-1] < losses[0] - 0.2, losses
+
+
+def test_encoder_resume_is_exact(tmp_path):
+    images = _images()
+    straight = train_encoder(TINY, images, tmp_path / "a", hflip=False, device="cpu", precision="fp32", seed=0,
+                             progress=False)
+    train_encoder(TINY, images, tmp_path / "b", hflip=False, device="cpu", precision="fp32", seed=0,
+                  stop_at=12, progress=False)
+    resumed = train_encoder(TINY, images, tmp_path / "b", hflip=False, device="cpu", precision="fp32", seed=0,
+                            progress=False)
+    for (k, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), k
+    lines = (tmp_path / "b" / "stats.jsonl").read_text().splitlines()
+    assert [json.loads(l)["step"] for l in lines] == [6, 12, 18, 24]
+
+
+def test_encoder_state_from_other_settings_is_refused(tmp_path):
+    from dualpseudo.artifacts import ArtifactError
+    images = _images()
+    train_encoder(TINY, images, tmp_path, hflip=False, device="cpu", precision="fp32", seed=0, stop_at=6,
+                  progress=False)
+    with pytest.raises(ArtifactError, match="other encoder settings"):
+        train_encoder(dataclasses.replace(TINY, temperature=0.5), images, tmp_path, hflip=False, device="cpu",
+                      precision="fp32", seed=0, progress=False)
+
+
+def test_features_round_trip_and_cache_follows_the_weights(tmp_path):
+    images = _images()
+    meta = {"network": "cnn_small", "in_channels": 1, "image_size": 16}
+    model = train_encoder(dataclasses.replace(TINY, steps=6), images, tmp_path / "t", hflip=False, device="cpu",
+                          precision="fp32", seed=0, progress=False)
+    path = save_encoder(tmp_path / "encoder.safetensors", model, meta)
+    enc = EncoderFeatures(path)
+    with torch.no_grad():
+        direct = model.trunk(torch.from_numpy(images[:5]).permute(0, 3, 1, 2).float() / 127.5 - 1).numpy()
+    feats = cached_features(enc, images, tmp_path / "cache", extractor_id=enc.extractor_id, shard_size=40,
+                            batch_size=16, device="cpu")
+    assert feats.shape == (96, 256)
+    np.testing.assert_allclose(feats[:5], direct, rtol=1e-4, atol=1e-5)
+    # another encoder in the same file: a new extractor id, so every cached shard is recomputed
+    other = train_encoder(dataclasses.replace(TINY, steps=6), images, tmp_path / "u", hflip=False, device="cpu",
+                          precision="fp32", seed=1, progress=False)
+    save_encoder(path, other, meta)
+    enc2 = EncoderFeatures(path)
+    assert enc2.extractor_id != enc.extractor_id
+    feats2 = cached_features(enc2, images, tmp_path / "cache", extractor_id=enc2.extractor_id, shard_size=40,
+                             batch_size=16, device="cpu")
+    assert not np.allclose(feats, feats2)

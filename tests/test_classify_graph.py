@@ -1,0 +1,73 @@
+"""Poisson label propagation (classify/graph.py) against hand-computed answers, and its class balance."""
+import numpy as np
+import pytest
+import torch
+
+from dualpseudo.classify import graph
+
+
+def _dense_to_sparse(w: np.ndarray) -> torch.Tensor:
+    return torch.as_tensor(w, dtype=torch.float64).to_sparse_coo().coalesce()
+
+
+def test_poisson_on_a_path_matches_the_hand_solution():
+    # Path 0-1-2-3 with unit weights and a self-loop on every node (the loops leave L = D - W unchanged but make
+    # the Jacobi iteration aperiodic). Node 0 is labeled class 0, node 3 class 1, so ybar = (1/2, 1/2) and the
+    # class-0 source is b = (1/2, 0, 0, -1/2). L u = b gives a linear u_i = a - i/2; the iteration keeps
+    # d^T u = 0 (d = 2, 3, 3, 2), so a = 3/4: u = (3/4, 1/4, -1/4, -3/4), and the class-1 column is its negative.
+    w = np.eye(4)
+    for i in range(3):
+        w[i, i + 1] = w[i + 1, i] = 1.0
+    # tol=0: the mixing test never stops it, so the iteration runs to max_iter (the fixed point, to rounding)
+    u, iters = graph.poisson(_dense_to_sparse(w), np.array([0, 3]), np.array([0, 1]), 2, max_iter=3000, tol=0.0)
+    expected = np.array([[0.75, -0.75], [0.25, -0.25], [-0.25, 0.25], [-0.75, 0.75]])
+    np.testing.assert_allclose(u.numpy(), expected, atol=1e-9)
+    assert iters == 3000
+
+
+def test_poisson_stops_when_the_random_walk_has_mixed():
+    w = np.ones((5, 5))                                      # complete graph with loops: mixes in one step
+    u, iters = graph.poisson(_dense_to_sparse(w), np.array([0, 1]), np.array([0, 1]), 2, max_iter=100)
+    assert iters == 1
+    assert u[0, 0] > 0 > u[1, 0]
+
+
+def test_knn_and_gaussian_weights_by_hand():
+    x = torch.tensor([[0.0], [1.0], [3.0], [7.0]])
+    idx, d2 = graph.knn(x, 2)
+    assert idx.tolist() == [[1, 2], [0, 2], [1, 0], [2, 1]]
+    assert d2.tolist() == [[1, 9], [1, 4], [4, 9], [16, 36]]
+    w = graph.gaussian_weights(d2)
+    np.testing.assert_allclose(w[0].numpy(), [np.exp(-4 / 9), np.exp(-4)], rtol=1e-6)
+    # k = 1: every edge weighs exp(-4 d^2 / d_1^2) = exp(-4); edges 0->1, 1->0, 2->1, 3->2, symmetrised by halves
+    e = np.exp(-4)
+    W = graph.knn_graph(x, 1).to_dense()
+    np.testing.assert_allclose(W.numpy(), [[0, e, 0, 0], [e, 0, .5 * e, 0], [0, .5 * e, 0, .5 * e], [0, 0, .5 * e, 0]],
+                               rtol=1e-6)
+
+
+def test_balance_offsets_give_each_class_its_share():
+    rng = np.random.default_rng(0)
+    scores = torch.as_tensor(rng.normal(size=(1000, 3)) + np.array([1.0, 0.0, -1.0]))   # class 0 dominates
+    assert torch.bincount(scores.argmax(1), minlength=3)[0] > 600
+    s = graph.balance_offsets(scores, torch.full((3,), 1 / 3, dtype=torch.float64))
+    share = torch.bincount((scores + s).argmax(1), minlength=3).double() / 1000
+    np.testing.assert_allclose(share.numpy(), [1 / 3] * 3, atol=0.02)
+
+
+def test_propagate_labels_two_clusters_and_new_points():
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(30, 2)) * 0.2 + [4.0, 0.0]
+    b = rng.normal(size=(30, 2)) * 0.2 + [0.0, 4.0]
+    feats = np.concatenate([a, b]).astype(np.float32)
+    r = graph.propagate(feats, np.array([0, 30]), np.array([0, 1]), 2, k=5, max_iter=500, balanced=True)
+    assert r["scores"].argmax(1).tolist() == [0] * 30 + [1] * 30
+    probs = graph.probabilities(r["scores"])
+    np.testing.assert_allclose(probs.sum(1), 1, rtol=1e-5)
+    new = graph.predict_new(feats, r["scores"], np.array([[3.9, 0.1], [0.1, 3.8]], np.float32), k=5)
+    assert new.argmax(1).tolist() == [0, 1]
+
+
+def test_too_many_neighbours_is_an_error_naming_the_key():
+    with pytest.raises(ValueError, match="graph.k=5"):
+        graph.knn(torch.zeros(4, 2), 5)

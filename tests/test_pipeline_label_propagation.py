@@ -1,0 +1,121 @@
+"""The self-supervised-encoder recipe through the pipeline: encoder step, label propagation in stages 1 and 3,
+the encoder shared across labeled splits, what an encoder change re-runs, the real-image baseline, bad settings."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dualpseudo.artifacts import load_npz, read_json
+from dualpseudo.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE_GRAPH = str(ROOT / "configs" / "smoke_label_propagation.yaml")
+
+
+@pytest.fixture(scope="module")
+def graph_run(tmp_path_factory):
+    base = tmp_path_factory.mktemp("graph")
+    run = base / "run"
+    assert main(["run", SMOKE_GRAPH, "--run-dir", str(run), "--set", f"evaluation.cache_dir={base / 'cache'}"]) == 0
+    return run, base
+
+
+def test_label_propagation_runs_all_three_stages(graph_run):
+    run, base = graph_run
+    m1, m3 = read_json(run / "stage1/metrics.json"), read_json(run / "stage3/metrics.json")
+    assert m1["learner"] == m3["learner"] == "label-propagation" and m3["mode"] == "label-propagation"
+    assert m1["graph"]["encoder"] == "ssl" and m1["graph"]["num_nodes"] == 192
+    assert m1["graph"]["num_labeled_nodes"] == 8
+    assert m3["graph"]["num_nodes"] == 192 + 32 and m3["graph"]["num_labeled_nodes"] == 8 + 32
+    assert m1["test"]["top1"] > 0.5, "encoder features + Poisson learning beat chance (0.25) on the synthetic bars"
+    assert m3["delta_top1"] == pytest.approx(m3["test"]["top1"] - m1["test"]["top1"])
+    pl = load_npz(run / "stage1/pseudo_labels.npz", ("label", "confidence", "is_labeled"))
+    assert pl["label"].shape == (192,) and pl["is_labeled"].sum() == 8
+    assert np.all((pl["confidence"] > 0) & (pl["confidence"] <= 1))
+    # the encoder: trained once in the shared cache, copied into the run directory, an input of stages 1 and 3
+    assert (run / "encoder/encoder.safetensors").is_file() and (run / "encoder/manifest.json").is_file()
+    shared = list((base / "cache" / "encoders").glob("*/encoder.safetensors"))
+    assert len(shared) == 1 and shared[0].read_bytes() == (run / "encoder/encoder.safetensors").read_bytes()
+    assert "encoder" in read_json(run / "stage1/manifest.json")["inputs"]
+    assert (run / "report.html").is_file()
+
+
+def test_another_split_reuses_the_shared_encoder(graph_run, capsys):
+    run, base = graph_run
+    other = base / "split3"      # 3 labels per class (the synthetic images depend on split_seed)
+    assert main(["stage1", SMOKE_GRAPH, "--run-dir", str(other), "--set", "data.labels_per_class=3",
+                 "--set", f"evaluation.cache_dir={base / 'cache'}"]) == 0
+    summary = read_json(other / "encoder/manifest.json")["summary"]
+    assert summary["reused_shared"] is True
+    assert (other / "encoder/encoder.safetensors").read_bytes() == (run / "encoder/encoder.safetensors").read_bytes()
+    assert read_json(other / "stage1/split.json")["labeled_indices"] != read_json(run / "stage1/split.json")["labeled_indices"]
+
+
+def test_an_encoder_setting_reruns_the_encoder_and_both_classifiers(graph_run, capsys):
+    run, base = graph_run
+    capsys.readouterr()
+    assert main(["run", SMOKE_GRAPH, "--run-dir", str(run), "--dry-run", "--force", "--set", "encoder.steps=20",
+                 "--set", f"evaluation.cache_dir={base / 'cache'}"]) == 0
+    plan = capsys.readouterr().out.split("plan for")[1]
+    lines = {l.split()[0]: l for l in plan.splitlines()[1:] if l.strip()}
+    assert lines["encoder"].split()[1] == "run" and lines["stage1"].split()[1] == "run"
+    assert all(lines[s].split()[1] == "run" for s in ("stage2", "stage3"))
+    # a graph setting keeps the encoder and re-runs stage 1 onwards
+    assert main(["run", SMOKE_GRAPH, "--run-dir", str(run), "--dry-run", "--force", "--set", "graph.k=4",
+                 "--set", f"evaluation.cache_dir={base / 'cache'}"]) == 0
+    plan = capsys.readouterr().out.split("plan for")[1]
+    lines = {l.split()[0]: l for l in plan.splitlines()[1:] if l.strip()}
+    assert lines["encoder"].split()[1] == "reuse" and lines["stage1"].split()[1] == "run"
+
+
+def test_real_pseudo_image_baseline_takes_the_most_confident_real_images(graph_run):
+    run, base = graph_run
+    import shutil
+    copy = base / "real"
+    shutil.copytree(run, copy)
+    assert main(["stage3", SMOKE_GRAPH, "--run-dir", str(copy), "--force", "--set", "stage3.pseudo_source=real",
+                 "--set", f"evaluation.cache_dir={base / 'cache'}"]) == 0
+    m3 = read_json(copy / "stage3/metrics.json")
+    assert m3["pseudo_source"] == "real" and m3["num_pseudo_images"] == 32
+    assert m3["graph"]["num_nodes"] == 192 + 32
+    assert read_json(copy / "stage1/manifest.json") == read_json(run / "stage1/manifest.json")   # stage 1 kept
+
+
+@pytest.mark.parametrize("override, key", [
+    ("data.synthetic_size=12", "encoder.network"),
+    ("graph.k=500", "graph.k"),
+    ("encoder.batch_size=1000", "encoder.batch_size"),
+])
+def test_bad_feature_settings_are_one_error_line(tmp_path, capsys, override, key):
+    code = main(["run", SMOKE_GRAPH, "--run-dir", str(tmp_path / "r"), "--set", override,
+                 "--set", f"evaluation.cache_dir={tmp_path / 'cache'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and key in err[0]
+    assert not (tmp_path / "r" / "stage1").exists()
+
+
+def test_freematch_starts_from_the_encoder_trunk(graph_run):
+    run, base = graph_run
+    import torch
+    from dualpseudo.artifacts import load_weights
+    from dualpseudo.classify.train import load_classifier
+    other = base / "init"
+    assert main(["stage1", SMOKE_GRAPH, "--run-dir", str(other), "--set", "stage1.learner=freematch",
+                 "--set", "stage1.init=encoder", "--set", "stage1.iterations=1", "--set", "stage1.lr=1e-9",
+                 "--set", "stage1.batch_size=8", "--set", "stage1.uratio=2",
+                 "--set", f"evaluation.cache_dir={base / 'cache'}"]) == 0
+    trunk, _ = load_weights(other / "encoder/encoder.safetensors", "dualpseudo_encoder", "encoder")
+    model, _ = load_classifier(other / "stage1/classifier.safetensors")
+    state = model.state_dict()
+    conv = "features.0.weight"
+    torch.testing.assert_close(state[conv], trunk[conv], rtol=1e-5, atol=1e-6)   # one step at lr 1e-9: unmoved
+    assert read_json(other / "stage1/metrics.json")["learner"] == "freematch"
+    assert "encoder" in read_json(other / "stage1/manifest.json")["inputs"]
+
+
+def test_init_from_an_encoder_of_another_network_is_an_error(tmp_path, capsys):
+    code = main(["stage1", SMOKE_GRAPH, "--run-dir", str(tmp_path / "r"), "--set", "stage1.learner=freematch",
+                 "--set", "stage1.init=encoder", "--set", "stage1.network=wrn_28_2",
+                 "--set", f"evaluation.cache_dir={tmp_path / 'cache'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "stage1.init" in err[0]
