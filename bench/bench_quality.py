@@ -4,6 +4,12 @@
     python bench/bench_quality.py stage1 --learners fixmatch freematch --seeds 0 --labels 4 \
         --set stage1.iterations=8000 --tag long
     python bench/bench_quality.py e2e --labels-list 1 2 4 10 --seeds 0
+    python bench/bench_quality.py dpt --seeds 0 1 2 --labels 4      # DPT against its baselines, same splits
+
+`dpt` runs the config end to end per seed, then stage 3 again in copies of each run directory (stage 1 and 2
+reused) for the baselines and variants: `real` (K real images per class with stage 1's most confident labels
+instead of generated ones: plain self-training), `agree` (only the pseudo-images an independent judge puts in
+their class), and, for the network learners, stage 1 trained for stage 1 + stage 3's iterations (`extra`).
 
 Each (setting, seed) is its own run directory under --root; finished runs are reused, interrupted ones resume,
 so the command can be stopped and restarted. Stage 1 of the config's own learner runs in the end-to-end run
@@ -97,9 +103,74 @@ def e2e(args) -> None:
         print("| " + " | ".join(str(x) for x in r) + " |")
 
 
+VARIANTS = {"real": ["stage3.pseudo_source=real"], "agree": ["stage3.filter=agree"]}
+
+
+def _copy_upstream(src: Path, dst: Path) -> None:
+    """A run directory holding `src`'s config, encoder, stage 1 and stage 2 (for a stage-3 variant)."""
+    import shutil
+    if dst.exists():
+        return
+    dst.mkdir(parents=True)
+    shutil.copy2(src / "config.yaml", dst / "config.yaml")
+    for d in ("encoder", "stage1", "stage2"):
+        if (src / d).is_dir():
+            shutil.copytree(src / d, dst / d)
+
+
+def _pct(x) -> str:
+    return "—" if x is None else f"{100 * x:.2f}"
+
+
+def dpt(args) -> None:
+    from dualpseudo.config import load_config
+    cfg = load_config(args.config, [kv for kv in args.set if kv != "--set"])
+    network_learner = cfg.stage1.learner in ("fixmatch", "freematch", "supervised")
+    rows = []
+    for seed in args.seeds:
+        common = ["--set", f"data.labels_per_class={args.labels}", "--set", f"data.split_seed={seed}",
+                  "--set", f"runtime.seed={seed}", *args.set]
+        d = Path(args.root) / f"e2e-l{args.labels}-s{seed}{args.tag}"
+        run([sys.executable, "-m", "dualpseudo", "run", args.config, "--run-dir", str(d), *common])
+        s1, s3 = read(d / "stage1" / "metrics.json"), read(d / "stage3" / "metrics.json")
+        ev = read(d / "evaluation" / "metrics.json")
+        row = {"seed": seed, "stage1": s1["test"]["top1"], "stage3": s3["test"]["top1"],
+               "pool1": s1["pseudo_labels"]["accuracy"], "pool3": s3["pseudo_labels"]["accuracy"],
+               "fid": ev.get("fid", {}).get("fid"),
+               "consistency": (ev.get("class_consistency") or {}).get("accuracy"),
+               "worst1": min(s1["test"]["per_class_accuracy"]), "worst3": min(s3["test"]["per_class_accuracy"])}
+        for name, sets in VARIANTS.items():
+            v = Path(f"{d}-{name}")
+            _copy_upstream(d, v)
+            run([sys.executable, "-m", "dualpseudo", "stage3", args.config, "--run-dir", str(v), "--force", *common,
+                 *[x for kv in sets for x in ("--set", kv)]])
+            row[name] = read(v / "stage3" / "metrics.json")["test"]["top1"]
+        if network_learner and args.extra:
+            v = Path(args.root) / f"stage1-extra-l{args.labels}-s{seed}{args.tag}"
+            iters = cfg.stage1.iterations + (cfg.stage3.iterations or cfg.stage1.iterations)
+            run([sys.executable, "-m", "dualpseudo", "stage1", args.config, "--run-dir", str(v), *common,
+                 "--set", f"stage1.iterations={iters}"])
+            row["extra"] = read(v / "stage1" / "metrics.json")["test"]["top1"]
+        rows.append(row)
+    cols = [("stage1", "stage 1"), ("stage3", "stage 3 (DPT)"), ("delta", "change"),
+            ("real", "stage 3, real pseudo-labeled images"), ("agree", "stage 3, judged pseudo-images"),
+            ("extra", "stage 1, stage 3's extra iterations"), ("pool1", "pool acc. stage 1"),
+            ("worst1", "worst class stage 1"), ("worst3", "worst class stage 3"),
+            ("consistency", "class consistency")]
+    for r in rows:
+        r["delta"] = r["stage3"] - r["stage1"]
+    cols = [(k, t) for k, t in cols if any(k in r for r in rows)]
+    print("\n| seed | " + " | ".join(t for _, t in cols) + " | FID |")
+    print("|---" * (len(cols) + 2) + "|")
+    for r in rows:
+        fid = f"{r['fid']:.2f}" if r.get("fid") is not None else "—"
+        print(f"| {r['seed']} | " + " | ".join(_pct(r.get(k)) for k, _ in cols) + f" | {fid} |")
+    print("| mean ± std | " + " | ".join(mean_std([r.get(k) for r in rows]) for k, _ in cols) + " | |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["stage1", "e2e"])
+    p.add_argument("what", choices=["stage1", "e2e", "dpt"])
     p.add_argument("--config", default=CONFIG)
     p.add_argument("--root", default="runs/bench")
     p.add_argument("--labels", type=int, default=4, help="labels per class (stage1)")
@@ -108,12 +179,13 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--set", action="append", default=[], help="passed to the CLI as --set")
     p.add_argument("--tag", default="", help="suffix of the run directories; required with --set")
+    p.add_argument("--extra", action="store_true", help="dpt: also stage 1 with stage 3's extra iterations")
     args = p.parse_args()
     if args.set and not args.tag:
         p.error("--set changes the runs: give them their own directories with --tag NAME")
     args.tag = f"-{args.tag}" if args.tag else ""
     args.set = [x for kv in args.set for x in ("--set", kv)]
-    (stage1 if args.what == "stage1" else e2e)(args)
+    {"stage1": stage1, "e2e": e2e, "dpt": dpt}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -125,6 +125,9 @@ class Stage3Config:
     # linear-probe: refit on labeled + pseudo features; label-propagation: pseudo-images join the graph as labeled
     pseudo_source: Literal["generated", "real"] = added_later("generated")
     # real: the baseline of plain self-training, K real images per class with stage 1's most confident labels
+    filter: Literal["none", "agree"] = added_later("none")
+    # agree: keep only the pseudo-images that an independent judge (a logistic regression on linear_probe.encoder
+    # features of the labeled images alone, not the classifier that made the labels) puts in their class
     pseudo_fraction: float = 0.5                      # share of pseudo-images in each labeled batch
     iterations: int = 0                               # 0: as many as stage 1
 
@@ -148,9 +151,10 @@ class LinearProbeConfig:
 class EncoderConfig:
     """The self-supervised encoder trained on the run's training images without labels (classify/contrastive.py).
 
-    Trained when `linear_probe.encoder: ssl` is used (by a linear-probe or label-propagation learner), cached
-    under `evaluation.cache_dir/encoders/` keyed by these settings and the dataset, so every labeled split and
-    run directory of a dataset shares one encoder. Left out of stage hashes otherwise.
+    Trained when `linear_probe.encoder: ssl` is used (by a linear-probe or label-propagation learner) or
+    `stage1.init: encoder`, cached under `evaluation.cache_dir/encoders/` keyed by these settings, the dataset,
+    flips and precision, so every labeled split, training seed and run directory of a dataset shares one
+    encoder. Left out of stage hashes otherwise.
     """
 
     objective: Literal["simclr"] = "simclr"
@@ -166,6 +170,7 @@ class EncoderConfig:
     cutout: float = 0.25
     checkpoint_every: int = 250
     log_every: int = 50
+    seed: int = 0                                     # its own seed: runs with other runtime.seed share it
 
 
 @dataclass(frozen=True)

@@ -228,13 +228,18 @@ def _grid_section(run, rounds: list[int], unconditional: bool = False) -> list[B
 
 def _curves_section(run, rounds: list[int]) -> list[Block]:
     out: list[Block] = [("h", 2, "Training curves")]
-    what = {"stage1": "stage 1 (classifier)", "stage2": "stage 2 (diffusion)", "stage3": "stage 3 (classifier)"}
-    dirs = [("stage1", 1)] + [(s, r) for r in rounds for s in ("stage2", "stage3")]
+    what = {"encoder": "self-supervised encoder (SimCLR, no labels)", "stage1": "stage 1 (classifier)",
+            "stage2": "stage 2 (diffusion)", "stage3": "stage 3 (classifier)"}
+    dirs = [("encoder", 1)] * (run.root / "encoder").is_dir() + [("stage1", 1)] + \
+        [(s, r) for r in rounds for s in ("stage2", "stage3")]
     for s, r in dirs:
         d, title = run.stage(s, r), what[s] + ("" if r == 1 else f", round {r}")
         rows = _stats(d / "stats.jsonl")
         png = curves_png(rows, title) if rows else None
-        if png is None:
+        learner = _json(d / "metrics.json").get("learner")
+        if png is None and learner in ("linear-probe", "label-propagation"):
+            out.append(("note", f"{title}: {learner} is solved to convergence, not trained by steps (no curve)."))
+        elif png is None:
             out.append(("note", f"{title}: not run yet (no {(d / 'stats.jsonl').relative_to(run.root)})."))
         else:
             out.append(("img", f"curves_{s}_round{r}.png", png, f"{title}: logged training statistics"))

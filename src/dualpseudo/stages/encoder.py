@@ -2,7 +2,7 @@
 
 The encoder sees the training images without labels, so it does not depend on the labeled split: it is trained
 in `evaluation.cache_dir/encoders/<key>/` (resumable there: `state.pt`, `stats.jsonl`), keyed by the encoder
-settings, the dataset's fingerprint, flips, seed and precision, and every run directory of that dataset copies
+settings (with their own seed), the dataset's fingerprint, flips and precision, and every run directory of that dataset copies
 the finished weights into its own `encoder/` folder. Stage 1 and stage 3 read that copy, and its hash is one of
 their inputs, so a retrained encoder re-runs them.
 """
@@ -23,7 +23,8 @@ FEATURE_LEARNERS = ("linear-probe", "label-propagation")
 
 def needs_encoder(cfg: ExperimentConfig) -> bool:
     """True when a stage's learner reads features of the run's self-supervised encoder."""
-    uses_features = cfg.stage1.learner in FEATURE_LEARNERS or cfg.stage3.mode in FEATURE_LEARNERS
+    uses_features = (cfg.stage1.learner in FEATURE_LEARNERS or cfg.stage3.mode in FEATURE_LEARNERS
+                     or cfg.stage3.filter == "agree")
     return (uses_features and cfg.linear_probe.encoder == "ssl") or cfg.stage1.init == "encoder"
 
 
@@ -53,7 +54,7 @@ def check_feature_settings(cfg: ExperimentConfig, ds: Dataset) -> None:
 def encoder_key(cfg: ExperimentConfig, ds: Dataset) -> str:
     rt = cfg.runtime
     return config_hash({"encoder": cfg.encoder, "dataset": ds.fingerprint, "hflip": cfg.data.hflip,
-                        "seed": rt.seed, "precision": rt.precision})
+                        "precision": rt.precision})
 
 
 def ensure_encoder(cfg: ExperimentConfig, ds: Dataset, out: Path, device: torch.device,
@@ -69,7 +70,7 @@ def ensure_encoder(cfg: ExperimentConfig, ds: Dataset, out: Path, device: torch.
     reused = trained.is_file()
     if not reused:
         model = train_encoder(cfg.encoder, ds.train_images, shared, hflip=cfg.data.hflip, device=device,
-                              precision=cfg.runtime.precision, seed=cfg.runtime.seed, progress=progress)
+                              precision=cfg.runtime.precision, seed=cfg.encoder.seed, progress=progress)
         if world.is_main:
             save_encoder(trained, model, {"network": cfg.encoder.network, "in_channels": ds.image_shape[2],
                                           "image_size": ds.image_shape[0], "objective": cfg.encoder.objective,

@@ -141,7 +141,8 @@ def build_steps(cfg: ExperimentConfig, run: RunDir, ds: Dataset, stages: tuple[s
 
     # The feature-learner settings enter a stage's hash only where they are used, so other runs keep their hashes.
     probe1 = _feature_sections(cfg, cfg.stage1.learner)
-    probe3 = {**probe1, **_feature_sections(cfg, cfg.stage3.mode)}
+    probe3 = {**probe1, **_feature_sections(cfg, cfg.stage3.mode),
+              **({"linear_probe": cfg.linear_probe} if cfg.stage3.filter == "agree" else {})}
     steps.append(Step("stage1", s1, config_hash({"data": cfg.data, "stage1": cfg.stage1, **rt, **probe1}),
                       lambda: {"dataset": ds.fingerprint, **encoder_input()}, stage1))
     if last < 1:

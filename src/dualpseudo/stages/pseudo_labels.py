@@ -129,6 +129,7 @@ def _feature_fn(cfg: ExperimentConfig, device: torch.device, out: Path, feature_
                                shard_size=lp.shard_size, batch_size=lp.batch_size, device=device, progress=progress)
 
     features.device = device
+    features.encoder = encoder
     features.meta = {"encoder": lp.encoder, "encoder_path": lp.encoder_path, "extractor_id": encoder.extractor_id}
     return features
 
@@ -162,6 +163,21 @@ def _fit_and_label_probe(cfg: ExperimentConfig, ds: Dataset, labeled_idx: np.nda
                                "fit_objective": fit_objective(probe, f_fit, y_fit, lp.l2_strength)}
     write_json(out / METRICS, metrics)
     return metrics
+
+
+def judge_agreement(cfg: ExperimentConfig, ds: Dataset, labeled_idx: np.ndarray, out: Path, device: torch.device,
+                    x: np.ndarray, y: np.ndarray, *, feature_cache: Path, encoder_file: Path | None,
+                    progress: bool = True) -> np.ndarray:
+    """Which images (N,) bool an independent judge assigns to their class `y`: a logistic regression on the
+    frozen `linear_probe.encoder` features of the labeled real images alone (it never sees a pseudo-label)."""
+    features = _feature_fn(cfg, device, out, feature_cache, encoder_file, progress)
+    lp = cfg.linear_probe
+    f_train = features(ds.train_images, "train")
+    judge = fit_probe(f_train[labeled_idx], ds.train_labels[labeled_idx], f_train, ds.num_classes,
+                      lp.l2_strength, max_iter=lp.max_iter, device=device)
+    f_x = cached_features(features.encoder, x, out / "features" / "judged", extractor_id=features.meta["extractor_id"],
+                          shard_size=lp.shard_size, batch_size=lp.batch_size, device=device, progress=progress)
+    return probe_predict(judge, f_x).argmax(1) == np.asarray(y)
 
 
 def _fit_and_label_graph(cfg: ExperimentConfig, ds: Dataset, labeled_idx: np.ndarray, out: Path, features,

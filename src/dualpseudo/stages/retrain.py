@@ -9,7 +9,8 @@ ImageNet recipe; the unlabeled real images only give the centring mean and recei
 
 `pseudo_source: real` is the baseline that tells what the generator adds: instead of generated images, stage 3
 takes, for every class, the K real unlabeled images that stage 1 labeled that class most confidently (plain
-self-training with the same number of extra labeled images).
+self-training with the same number of extra labeled images). `filter: agree` keeps only the pseudo-images that
+an independent judge puts in the class they were generated for (`pseudo_labels.judge_agreement`).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from ..artifacts import load_npz, write_json
 from ..config import ExperimentConfig
 from ..distributed import current
 from ..data.datasets import Dataset
-from .pseudo_labels import METRICS, fit_and_label
+from .pseudo_labels import METRICS, fit_and_label, judge_agreement
 
 LEARNER_OF_MODE = {"supervised": "supervised", "linear-probe": "linear-probe",
                    "label-propagation": "label-propagation"}          # ssl: stage 1's own learner
@@ -54,6 +55,15 @@ def run_stage3(cfg: ExperimentConfig, ds: Dataset, labeled_idx: np.ndarray, pseu
     else:
         gen = load_npz(pseudo_images, ("images", "labels"))
         x_pseudo, y_pseudo = gen["images"], gen["labels"]
+    kept = None
+    if s3.filter == "agree":                  # rank 0 judges, every rank trains on the same kept images
+        world = current()
+        keep = world.broadcast(judge_agreement(
+            cfg, ds, labeled_idx, out, device, x_pseudo, y_pseudo, feature_cache=feature_cache or out / "features",
+            encoder_file=encoder_file, progress=progress) if world.is_main else None)
+        kept = {"kept": int(keep.sum()), "of": int(len(keep)),
+                "kept_per_class": np.bincount(np.asarray(y_pseudo)[keep], minlength=ds.num_classes).tolist()}
+        x_pseudo, y_pseudo = x_pseudo[keep], np.asarray(y_pseudo)[keep]
     metrics = fit_and_label(
         cfg, ds, labeled_idx, out, device, x_pseudo=x_pseudo, y_pseudo=y_pseudo,
         learner=LEARNER_OF_MODE.get(s3.mode), iterations=s3.iterations or None, pseudo_fraction=s3.pseudo_fraction,
@@ -63,6 +73,8 @@ def run_stage3(cfg: ExperimentConfig, ds: Dataset, labeled_idx: np.ndarray, pseu
     metrics["mode"] = s3.mode
     metrics["pseudo_source"] = s3.pseudo_source
     metrics["num_pseudo_images"] = int(len(y_pseudo))
+    if kept is not None:
+        metrics["filter"] = {"rule": "agree", **kept}
     if baseline_top1 is not None and "test" in metrics:
         metrics["stage1_test_top1"] = baseline_top1
         metrics["delta_top1"] = metrics["test"]["top1"] - baseline_top1
