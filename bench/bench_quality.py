@@ -9,7 +9,8 @@
 `dpt` runs the config end to end per seed, then stage 3 again in copies of each run directory (stage 1 and 2
 reused) for the baselines and variants: `real` (K real images per class with stage 1's most confident labels
 instead of generated ones: plain self-training), `agree` (only the pseudo-images an independent judge puts in
-their class), and, for the network learners, stage 1 trained for stage 1 + stage 3's iterations (`extra`).
+their class), `probe` (stage 3 a logistic regression on labeled + pseudo-images, the paper's ImageNet stage 3),
+and, with --extra for the network learners, stage 1 trained for stage 1 + stage 3's iterations (`extra`).
 
 Each (setting, seed) is its own run directory under --root; finished runs are reused, interrupted ones resume,
 so the command can be stopped and restarted. Stage 1 of the config's own learner runs in the end-to-end run
@@ -103,7 +104,8 @@ def e2e(args) -> None:
         print("| " + " | ".join(str(x) for x in r) + " |")
 
 
-VARIANTS = {"real": ["stage3.pseudo_source=real"], "agree": ["stage3.filter=agree"]}
+VARIANTS = {"real": ["stage3.pseudo_source=real"], "agree": ["stage3.filter=agree"],
+            "probe": ["stage3.mode=linear-probe"]}
 
 
 def _copy_upstream(src: Path, dst: Path) -> None:
@@ -154,6 +156,7 @@ def dpt(args) -> None:
         rows.append(row)
     cols = [("stage1", "stage 1"), ("stage3", "stage 3 (DPT)"), ("delta", "change"),
             ("real", "stage 3, real pseudo-labeled images"), ("agree", "stage 3, judged pseudo-images"),
+            ("probe", "stage 3, linear probe on labeled + pseudo-images"),
             ("extra", "stage 1, stage 3's extra iterations"), ("pool1", "pool acc. stage 1"),
             ("worst1", "worst class stage 1"), ("worst3", "worst class stage 3"),
             ("consistency", "class consistency")]

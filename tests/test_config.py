@@ -9,7 +9,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_defaults_and_yaml_round_trip(tmp_path):
     cfg = load_config("configs/fashion_mnist.yaml")
-    assert cfg.data.name == "fashion_mnist" and cfg.stage1.learner == "freematch"
+    assert cfg.data.name == "fashion_mnist" and cfg.stage1.learner == "label-propagation"
+    assert cfg.linear_probe.encoder == "ssl" and cfg.stage3.mode == "label-propagation"
     path = tmp_path / "c.yaml"
     path.write_text(to_yaml(cfg))
     assert load_config(path) == cfg
@@ -68,12 +69,14 @@ def test_hash_exclude():
 
 def test_fields_added_later_keep_existing_hashes():
     """`added_later` fields at their default leave hashes as they were before the field existed."""
-    cfg = load_config(ROOT / "configs" / "fashion_mnist.yaml")
-    # recorded before stage1.dist_align existed: run directories from then must stay valid
+    cfg = load_config(ROOT / "configs" / "fashion_mnist_freematch.yaml")
+    # recorded before stage1.dist_align, stage1.init, stage3.pseudo_source and stage3.filter existed: run
+    # directories from then must stay valid
     assert config_hash({"data": cfg.data, "stage1": cfg.stage1}) == "fa0fbb6002e14e0f"
     assert config_hash(cfg.stage1) == "71d58c3a6975f601"
-    on = load_config(ROOT / "configs" / "fashion_mnist.yaml", ["stage1.dist_align=true"])
+    on = load_config(ROOT / "configs" / "fashion_mnist_freematch.yaml", ["stage1.dist_align=true"])
     assert on.stage1.dist_align is True
     assert config_hash({"data": on.data, "stage1": on.stage1}) != "fa0fbb6002e14e0f"
     assert config_hash(on.stage1) != "71d58c3a6975f601"
     assert "dist_align: false" in to_yaml(cfg)                 # the written config still lists it
+    assert config_hash(cfg.stage3) == config_hash({"mode": "ssl", "pseudo_fraction": 0.5, "iterations": 0})

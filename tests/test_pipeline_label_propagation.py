@@ -119,3 +119,43 @@ def test_init_from_an_encoder_of_another_network_is_an_error(tmp_path, capsys):
                  "--set", f"evaluation.cache_dir={tmp_path / 'cache'}"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "stage1.init" in err[0]
+
+
+def test_agreement_filter_keeps_what_the_judge_agrees_with(tmp_path):
+    from dualpseudo.config import load_config
+    from dualpseudo.data.datasets import load_dataset
+    from dualpseudo.stages.pseudo_labels import judge_agreement
+    cfg = load_config(SMOKE_GRAPH, ["linear_probe.encoder=pixels", "linear_probe.l2_strength=1e-4"])
+    ds = load_dataset(cfg.data)
+    labeled = np.array([np.flatnonzero(ds.train_labels == c)[0] for c in range(4)] +
+                       [np.flatnonzero(ds.train_labels == c)[1] for c in range(4)])
+    # the judge is fitted on the labeled images alone, so it puts each of them in its own class: the copies with
+    # their true label are kept, the copies with a wrong label (shifted by one class) are dropped
+    x = np.concatenate([ds.train_images[labeled], ds.train_images[labeled]])
+    y = np.concatenate([ds.train_labels[labeled], (ds.train_labels[labeled] + 1) % 4])
+    keep = judge_agreement(cfg, ds, labeled, tmp_path, "cpu", x, y, feature_cache=tmp_path / "f", encoder_file=None,
+                           progress=False)
+    assert keep.tolist() == [True] * 8 + [False] * 8
+
+
+def test_stage3_filter_agree_records_what_it_kept(graph_run):
+    run, base = graph_run
+    import shutil
+    copy = base / "agree"
+    shutil.copytree(run, copy)
+    assert main(["stage3", SMOKE_GRAPH, "--run-dir", str(copy), "--force", "--set", "stage3.filter=agree",
+                 "--set", f"evaluation.cache_dir={base / 'cache'}"]) == 0
+    m3 = read_json(copy / "stage3/metrics.json")
+    f = m3["filter"]
+    assert f["rule"] == "agree" and f["of"] == 32 and sum(f["kept_per_class"]) == f["kept"] == m3["num_pseudo_images"]
+    assert m3["graph"]["num_labeled_nodes"] == 8 + f["kept"]
+
+
+def test_linear_probe_on_the_encoder_features(graph_run):
+    run, base = graph_run
+    other = base / "probe"
+    assert main(["stage1", SMOKE_GRAPH, "--run-dir", str(other), "--set", "stage1.learner=linear-probe",
+                 "--set", f"evaluation.cache_dir={base / 'cache'}"]) == 0
+    m1 = read_json(other / "stage1/metrics.json")
+    assert m1["learner"] == "linear-probe" and m1["linear_probe"]["encoder"] == "ssl"
+    assert m1["linear_probe"]["feature_dim"] == 256 and m1["linear_probe"]["extractor_id"].startswith("ssl:")
