@@ -71,3 +71,13 @@ def test_propagate_labels_two_clusters_and_new_points():
 def test_too_many_neighbours_is_an_error_naming_the_key():
     with pytest.raises(ValueError, match="graph.k=5"):
         graph.knn(torch.zeros(4, 2), 5)
+
+
+def test_most_confident_real_picks_per_class_by_confidence_then_index():
+    from dualpseudo.stages.retrain import most_confident_real
+    pl = {"label": np.array([0, 0, 0, 1, 1, 0, 1]),
+          "confidence": np.array([.9, .5, .9, .7, .8, 1.0, .6], dtype=np.float32),
+          "is_labeled": np.array([False, False, False, False, False, True, False])}
+    # class 0: image 5 is labeled (never picked); 0 and 2 tie at 0.9 -> lower index first; class 1: 4 (.8), 3 (.7)
+    assert most_confident_real(pl, 2, 2).tolist() == [0, 2, 4, 3]
+    assert most_confident_real(pl, 5, 2).tolist() == [0, 2, 1, 4, 3, 6]       # a class gives all it has
