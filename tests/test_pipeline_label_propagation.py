@@ -68,14 +68,20 @@ def test_an_encoder_setting_reruns_the_encoder_and_both_classifiers(graph_run, c
     assert lines["encoder"].split()[1] == "reuse" and lines["stage1"].split()[1] == "run"
 
 
-def test_real_pseudo_image_baseline_takes_the_most_confident_real_images(graph_run):
-    run, base = graph_run
+def _stage3_variant(graph_run, name: str, setting: str) -> tuple[Path, dict]:
+    """Stage 3 re-run with `setting` in a copy of the smoke run (stages 1-2 reused): (copy, its stage-3 metrics)."""
     import shutil
-    copy = base / "real"
+    run, base = graph_run
+    copy = base / name
     shutil.copytree(run, copy)
-    assert main(["stage3", SMOKE_GRAPH, "--run-dir", str(copy), "--force", "--set", "stage3.pseudo_source=real",
+    assert main(["stage3", SMOKE_GRAPH, "--run-dir", str(copy), "--force", "--set", setting,
                  "--set", f"evaluation.cache_dir={base / 'cache'}"]) == 0
-    m3 = read_json(copy / "stage3/metrics.json")
+    return copy, read_json(copy / "stage3/metrics.json")
+
+
+def test_real_pseudo_image_baseline_takes_the_most_confident_real_images(graph_run):
+    run, _ = graph_run
+    copy, m3 = _stage3_variant(graph_run, "real", "stage3.pseudo_source=real")
     assert m3["pseudo_source"] == "real" and m3["num_pseudo_images"] == 32
     assert m3["graph"]["num_nodes"] == 192 + 32
     assert read_json(copy / "stage1/manifest.json") == read_json(run / "stage1/manifest.json")   # stage 1 kept
@@ -139,13 +145,7 @@ def test_agreement_filter_keeps_what_the_judge_agrees_with(tmp_path):
 
 
 def test_stage3_filter_agree_records_what_it_kept(graph_run):
-    run, base = graph_run
-    import shutil
-    copy = base / "agree"
-    shutil.copytree(run, copy)
-    assert main(["stage3", SMOKE_GRAPH, "--run-dir", str(copy), "--force", "--set", "stage3.filter=agree",
-                 "--set", f"evaluation.cache_dir={base / 'cache'}"]) == 0
-    m3 = read_json(copy / "stage3/metrics.json")
+    _, m3 = _stage3_variant(graph_run, "agree", "stage3.filter=agree")
     f = m3["filter"]
     assert f["rule"] == "agree" and f["of"] == 32 and sum(f["kept_per_class"]) == f["kept"] == m3["num_pseudo_images"]
     assert m3["graph"]["num_labeled_nodes"] == 8 + f["kept"]

@@ -178,12 +178,12 @@ class GraphConfig:
     """Label propagation on a k-NN graph of encoder features (classify/graph.py): Poisson learning.
 
     Calder, Cook, Thorpe & Slepcev, "Poisson Learning: Graph Based Semi-Supervised Learning at Very Low Label
-    Rates" (ICML 2020), with their class-balanced prior (labels scaled towards uniform class sizes).
+    Rates" (ICML 2020), with a class-size prior: the labeled images' class shares, enforced on the unlabeled ones.
     """
 
     k: int = 10                                       # neighbours per image
     max_iter: int = 2000                              # cap on Poisson iterations (stops at random-walk mixing)
-    balanced: bool = True                             # class-size prior: every class gets an equal share
+    balanced: bool = True                             # each class gets its share among the labeled images
 
 
 @dataclass(frozen=True)

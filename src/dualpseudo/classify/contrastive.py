@@ -37,13 +37,13 @@ from ..distributed import World, current
 from ..runtime import autocast
 from . import augment
 from .networks import build_network
-from .train import EpochSampler, _to_device_uint8, _to_float
+from .train import EpochSampler, _param_groups, _to_device_uint8, _to_float
 
 ENCODER_FILE = "encoder.safetensors"
 STATE_FILE = "state.pt"
 STATS_FILE = "stats.jsonl"
 META_KEY = "dualpseudo_encoder"
-_RESUME_SAFE_FIELDS = ("checkpoint_every", "log_every", "batch_size_features")
+_RESUME_SAFE_FIELDS = ("checkpoint_every", "log_every")
 
 
 def trunk(network: str, in_channels: int, image_size: int) -> tuple[nn.Module, int]:
@@ -143,11 +143,8 @@ def train_encoder(cfg: EncoderConfig, images: np.ndarray, out_dir: str | Path, *
     out_dir = Path(out_dir)
     data = _to_device_uint8(images, "encoder images", device)                     # (N, C, H, W) uint8
     _, C, H, W = data.shape
-    if min(H, W) < 16:
-        raise ValueError(f"encoder: images of {H}x{W} px are too small for encoder.network={cfg.network!r} "
-                         f"(needs at least 16x16)")
-    B = world.per_rank(cfg.batch_size, "encoder.batch_size")
-    if B * world.size > len(data):
+    world.per_rank(cfg.batch_size, "encoder.batch_size")
+    if cfg.batch_size > len(data):
         raise ValueError(f"encoder.batch_size={cfg.batch_size} is larger than the {len(data)} training images")
     part = slice(world.rank, None, world.size)
     sampler = EpochSampler(len(data), cfg.batch_size, seed + 7)
@@ -157,10 +154,7 @@ def train_encoder(cfg: EncoderConfig, images: np.ndarray, out_dir: str | Path, *
         model = ContrastiveModel(cfg.network, C, H, cfg.proj_dim)
     model = model.to(device, memory_format=torch.channels_last).train()
     forward = world.wrap(model, device)
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
     gen = torch.Generator(device=device).manual_seed(seed + 31 + 1_000_003 * world.rank)
     key = _resume_key(cfg, (C, H, W), len(data), seed)
     state_path, stats_path = out_dir / STATE_FILE, out_dir / STATS_FILE
@@ -220,12 +214,17 @@ def save_encoder(path: str | Path, model: ContrastiveModel, meta: dict) -> Path:
     return save_weights(path, model.trunk.state_dict(), {"feature_dim": model.dim, **meta}, META_KEY)
 
 
+def load_encoder(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(trunk state dict, meta) of a file written by `save_encoder`; no pickle involved."""
+    return load_weights(path, META_KEY, "dualpseudo encoder")
+
+
 class EncoderFeatures(nn.Module):
     """uint8 (N, H, W, C) -> float32 (N, D) trunk features of a saved encoder (a `linear_probe` encoder)."""
 
     def __init__(self, path: str | Path, precision: str = "fp32"):
         super().__init__()
-        tensors, meta = load_weights(path, META_KEY, "dualpseudo encoder")
+        tensors, meta = load_encoder(path)
         try:
             self.net, _ = trunk(meta["network"], int(meta["in_channels"]), int(meta["image_size"]))
             self.net.load_state_dict(tensors)

@@ -122,12 +122,11 @@ def balance_offsets(scores: torch.Tensor, target: torch.Tensor, iterations: int 
 
 
 def propagate(feats: np.ndarray | torch.Tensor, labeled: np.ndarray, labels: np.ndarray, num_classes: int, *,
-              k: int, max_iter: int, balanced: bool, target: np.ndarray | None = None,
-              score_of: np.ndarray | None = None) -> dict:
+              k: int, max_iter: int, balanced: bool, score_of: np.ndarray | None = None) -> dict:
     """Label every node of the k-NN graph of `feats` (N, D) from the labeled nodes.
 
-    `target` (C,): class shares for `balanced` (default: those of `labels`); `score_of`: nodes whose rows the
-    balance is computed over (default: the unlabeled ones). Returns {"scores": (N, C) float64 tensor,
+    `balanced` gives each class the share it has among `labels`, over the nodes `score_of` (default: the
+    unlabeled ones). Returns {"scores": (N, C) float64 tensor,
     "iterations": int, "offsets": (C,) tensor}.
     """
     x = F.normalize(torch.as_tensor(np.asarray(feats), dtype=torch.float32), dim=1)
@@ -136,8 +135,7 @@ def propagate(feats: np.ndarray | torch.Tensor, labeled: np.ndarray, labels: np.
     u = u / (u.std() if float(u.std()) > 0 else 1.0)
     offsets = torch.zeros(num_classes, dtype=u.dtype)
     if balanced:
-        if target is None:
-            target = np.bincount(np.asarray(labels), minlength=num_classes) / len(labels)
+        target = np.bincount(np.asarray(labels), minlength=num_classes) / len(labels)
         rows = np.setdiff1d(np.arange(len(x)), labeled) if score_of is None else score_of
         if len(rows):
             offsets = balance_offsets(u[torch.as_tensor(rows)], torch.as_tensor(target, dtype=u.dtype))

@@ -2,8 +2,8 @@
 
 The encoder sees the training images without labels, so it does not depend on the labeled split: it is trained
 in `evaluation.cache_dir/encoders/<key>/` (resumable there: `state.pt`, `stats.jsonl`), keyed by the encoder
-settings (with their own seed), the dataset's fingerprint, flips and precision, and every run directory of that dataset copies
-the finished weights into its own `encoder/` folder. Stage 1 and stage 3 read that copy, and its hash is one of
+settings (with their own seed), the dataset's fingerprint, flips and precision, and every run directory of that
+dataset copies the finished weights into its own `encoder/` folder. Stage 1 and stage 3 read that copy, and its hash is one of
 their inputs, so a retrained encoder re-runs them.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ..artifacts import atomic_write
-from ..classify.contrastive import ENCODER_FILE, STATS_FILE, save_encoder, train_encoder
+from ..classify.contrastive import ENCODER_FILE, STATS_FILE, save_encoder, train_encoder, trunk
 from ..config import ConfigError, ExperimentConfig, config_hash
 from ..data.datasets import Dataset
 from ..distributed import current
@@ -30,17 +30,15 @@ def needs_encoder(cfg: ExperimentConfig) -> bool:
 
 def check_feature_settings(cfg: ExperimentConfig, ds: Dataset) -> None:
     """Fail before any training when the encoder or the graph cannot work on this dataset (ConfigError)."""
-    from ..classify.networks import NETWORKS
-
     n = len(ds.train_images)
     if needs_encoder(cfg):
         e = cfg.encoder
-        if e.network not in NETWORKS:
-            raise ConfigError(f"encoder.network: {e.network!r} is not one of {sorted(NETWORKS)}")
-        h, w = ds.image_shape[:2]
-        if min(h, w) < 16:
-            raise ConfigError(f"encoder.network: {e.network!r} needs images of at least 16x16 px, but the data's "
-                              f"are {h}x{w}; use linear_probe.encoder=pixels (or a torchscript encoder) instead")
+        h, _, c = ds.image_shape
+        try:                                  # the network's own constructor knows the images it can take
+            trunk(e.network, c, h)
+        except ValueError as err:
+            raise ConfigError(f"encoder.network: {err}; for such data use linear_probe.encoder=pixels (or a "
+                              f"torchscript encoder) instead") from None
         if cfg.stage1.init == "encoder" and cfg.stage1.network != e.network:
             raise ConfigError(f"stage1.init: 'encoder' starts stage1.network={cfg.stage1.network!r} from the trunk "
                               f"of encoder.network={e.network!r}; set both to the same network")
@@ -52,9 +50,8 @@ def check_feature_settings(cfg: ExperimentConfig, ds: Dataset) -> None:
 
 
 def encoder_key(cfg: ExperimentConfig, ds: Dataset) -> str:
-    rt = cfg.runtime
     return config_hash({"encoder": cfg.encoder, "dataset": ds.fingerprint, "hflip": cfg.data.hflip,
-                        "precision": rt.precision})
+                        "precision": cfg.runtime.precision})
 
 
 def ensure_encoder(cfg: ExperimentConfig, ds: Dataset, out: Path, device: torch.device,

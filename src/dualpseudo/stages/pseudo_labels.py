@@ -20,8 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..artifacts import save_npz, write_json
-from ..artifacts import load_weights, save_weights
+from ..artifacts import save_npz, save_weights, write_json
 from ..classify import graph
 from ..classify.linear import build_encoder, cached_features, fit_objective, fit_probe, probe_predict, save_probe
 from ..classify.train import predict, save_classifier, train_classifier
@@ -61,7 +60,8 @@ def fit_and_label(cfg: ExperimentConfig, ds: Dataset, labeled_idx: np.ndarray, o
     if s1.init == "encoder":
         if encoder_file is None:
             raise ValueError("stage1.init=encoder needs the trained encoder's file (the pipeline passes it)")
-        init = load_weights(encoder_file, "dualpseudo_encoder", "dualpseudo encoder")[0]
+        from ..classify.contrastive import load_encoder
+        init = load_encoder(encoder_file)[0]
     model = train_classifier(
         s1, x_lb=x_lb, y_lb=y_lb, x_ulb=ds.train_images, num_classes=ds.num_classes, hflip=cfg.data.hflip,
         out_dir=out, device=device, precision=cfg.runtime.precision, seed=cfg.runtime.seed,
@@ -113,7 +113,8 @@ def _label_and_measure(ds: Dataset, labeled_idx: np.ndarray, out: Path, probs: n
 def _feature_fn(cfg: ExperimentConfig, device: torch.device, out: Path, feature_cache: Path,
                 encoder_file: Path | None, progress: bool):
     """`features(images, name) -> (N, D)`: the frozen encoder's features, cached by name ("train", "test" in
-    `feature_cache`, shared by stages 1 and 3; "pseudo" in `out/features`); `.meta` describes the encoder."""
+    `feature_cache`, shared by stages 1 and 3; "pseudo", "judged" in `out/features`); `.meta` describes the
+    encoder."""
     lp = cfg.linear_probe
     if lp.encoder == "ssl":
         from ..classify.contrastive import EncoderFeatures
@@ -124,12 +125,11 @@ def _feature_fn(cfg: ExperimentConfig, device: torch.device, out: Path, feature_
         encoder = build_encoder(lp.encoder, lp.encoder_path, cfg.runtime.precision)
 
     def features(images: np.ndarray, name: str) -> np.ndarray:
-        cache = (out / "features" if name == "pseudo" else feature_cache) / name
+        cache = (out / "features" if name in ("pseudo", "judged") else feature_cache) / name
         return cached_features(encoder, images, cache, extractor_id=encoder.extractor_id,
                                shard_size=lp.shard_size, batch_size=lp.batch_size, device=device, progress=progress)
 
     features.device = device
-    features.encoder = encoder
     features.meta = {"encoder": lp.encoder, "encoder_path": lp.encoder_path, "extractor_id": encoder.extractor_id}
     return features
 
@@ -151,15 +151,16 @@ def _fit_and_label_probe(cfg: ExperimentConfig, ds: Dataset, labeled_idx: np.nda
                       device=features.device)
     save_probe(out / CLASSIFIER, probe, {
         **features.meta, "feature_dim": int(f_train.shape[1]), "l2_strength": lp.l2_strength,
-        "num_classes": ds.num_classes, "in_channels": ds.image_shape[2], "image_size": ds.image_shape[0], "class_names": list(ds.class_names)})
+        "num_classes": ds.num_classes, "in_channels": ds.image_shape[2], "image_size": ds.image_shape[0],
+        "class_names": list(ds.class_names)})
 
     test_probs = probe_predict(probe, features(ds.test_images, "test")) if len(ds.test_images) else None
     metrics = _label_and_measure(ds, labeled_idx, out, probe_predict(probe, f_train), test_probs,
                                  "logistic regression at its optimum (no selection on the test split)")
     metrics["learner"] = "linear-probe"
     metrics["network"] = f"{lp.encoder} features + logistic regression"
-    metrics["linear_probe"] = {**features.meta, "feature_dim": int(f_train.shape[1]), "l2_strength": lp.l2_strength,
-                               "num_fit_images": int(len(y_fit)),
+    metrics["linear_probe"] = {**features.meta, "feature_dim": int(f_train.shape[1]),
+                               "l2_strength": lp.l2_strength, "num_fit_images": int(len(y_fit)),
                                "fit_objective": fit_objective(probe, f_fit, y_fit, lp.l2_strength)}
     write_json(out / METRICS, metrics)
     return metrics
@@ -175,9 +176,7 @@ def judge_agreement(cfg: ExperimentConfig, ds: Dataset, labeled_idx: np.ndarray,
     f_train = features(ds.train_images, "train")
     judge = fit_probe(f_train[labeled_idx], ds.train_labels[labeled_idx], f_train, ds.num_classes,
                       lp.l2_strength, max_iter=lp.max_iter, device=device)
-    f_x = cached_features(features.encoder, x, out / "features" / "judged", extractor_id=features.meta["extractor_id"],
-                          shard_size=lp.shard_size, batch_size=lp.batch_size, device=device, progress=progress)
-    return probe_predict(judge, f_x).argmax(1) == np.asarray(y)
+    return probe_predict(judge, features(x, "judged")).argmax(1) == np.asarray(y)
 
 
 def _fit_and_label_graph(cfg: ExperimentConfig, ds: Dataset, labeled_idx: np.ndarray, out: Path, features,
