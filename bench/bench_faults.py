@@ -6,8 +6,17 @@ manifest's output hashes match) and that no temp file is read as an artifact. Th
 is the resume. A final launch runs to completion; every artifact is then loaded (npz, safetensors, state.pt,
 JSON) and a last launch must reuse every stage. Prints "K kills, K resumes, 0 lost".
 
+Two more cases, each in a run directory of its own:
+- concurrent runs: while a launch trains stage 1, the same command, and the same command with another config and
+  `--force`, must each end at once with one `error:` line naming the first launch's PID (exit code 2), and the
+  first launch's files must be intact; after it is killed (`kill -9`) its lock is gone and a rerun resumes.
+- full disk: the run directory on a small tmpfs (where this user may mount one; otherwise skipped, with the reason
+  printed): the launch must end in one `error:` line about the disk with every finished stage intact; after the
+  tmpfs grows, rerunning finishes; remounted read-only, `report`, `eval` and the same `run` must still succeed.
+
     .venv/bin/python bench/bench_faults.py --kills-per-stage 2
     .venv/bin/python bench/bench_faults.py --kills-per-stage 2 --nproc 2      # under accelerate launch, gloo
+    .venv/bin/python bench/bench_faults.py --kills-per-stage 0                # only the two cases above
 """
 from __future__ import annotations
 
@@ -113,6 +122,119 @@ def kill_during(cmd: list[str], stage: str, max_delay: float, rng: random.Random
     return killed, "".join(lines)
 
 
+def _launch(cmd: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT,
+                            start_new_session=True)
+
+
+def _run(cmd: list[str], timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def _one_error(done: subprocess.CompletedProcess, must_contain: str) -> str | None:
+    """None when `done` ended with exit code 2 and exactly one `error:` line containing `must_contain`."""
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    if done.returncode == 2 and len(errors) == 1 and must_contain in errors[0] and "Traceback" not in done.stderr:
+        return None
+    return f"exit {done.returncode}: {(done.stderr or done.stdout)[-600:]}"
+
+
+def concurrent_runs(base: Path, cache: Path, nproc: int, rng: random.Random) -> tuple[int, list[str]]:
+    """(refused launches, problems): a second launch on a run directory in use is refused, with the holder's PID."""
+    run, problems, refused = base / "concurrent", [], 0
+    cmd = command(run, cache, nproc, 29500 + rng.randrange(1000))
+    first = _launch(cmd)
+    lines: list[str] = []
+    started = threading.Event()
+
+    def read() -> None:
+        for line in first.stdout:
+            lines.append(line)
+            if "[stage1] running" in line:
+                started.set()
+    threading.Thread(target=read, daemon=True).start()
+    while not started.is_set() and first.poll() is None:
+        time.sleep(0.05)
+    if not started.is_set():
+        return 0, ["concurrent: the first launch never reached stage 1: " + "".join(lines)[-600:]]
+    time.sleep(rng.uniform(0, 1))
+    (run / "stage1" / ".holder.probe.tmp").write_bytes(b"being written")   # what a start-up clean-up would delete
+    for extra in ([], ["--set", "stage2.guidance_scale=2", "--force"]):
+        done = _run(command(run, cache, nproc, 29500 + rng.randrange(1000)) + extra, timeout=300)
+        pids = process_tree(first.pid)
+        problem = _one_error(done, "is in use by another dualpseudo process (PID ")
+        if problem is None and not any(f"PID {p})" in done.stderr for p in pids):
+            problem = f"the error names no PID of the running launch {pids}: {done.stderr.strip()}"
+        if problem:
+            problems.append(f"concurrent launch {' '.join(extra) or '(same command)'}: {problem}")
+        refused += problem is None
+    if not (run / "stage1" / ".holder.probe.tmp").is_file():
+        problems.append("concurrent: a refused launch deleted a temp file of the running one")
+    alive = first.poll() is None
+    kill_tree(first.pid)
+    first.wait()
+    if not alive:
+        problems.append("concurrent: the first launch ended while the others were refused: " + "".join(lines)[-600:])
+    again = _launch(cmd)                                   # its lock died with it: a rerun resumes at once
+    out = ""
+    deadline = time.time() + 300
+    while time.time() < deadline and again.poll() is None:
+        line = again.stdout.readline()
+        out += line
+        if "[stage1] running" in line or "[stage1] done" in line:
+            break
+    kill_tree(again.pid)
+    again.wait()
+    if "[stage1]" not in out or "in use" in out:
+        problems.append("concurrent: no rerun after the holder was killed: " + out[-600:])
+    return refused, problems
+
+
+def full_disk(base: Path, cache: Path, nproc: int, rng: random.Random, size_mb: int) -> tuple[str, list[str]]:
+    """(summary, problems): a run directory on a small tmpfs fills up, grows, then is read-only."""
+    mnt = base / "tmpfs"
+    mnt.mkdir(exist_ok=True)
+    try:
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(mnt)],
+                                 capture_output=True, text=True)
+    except OSError as e:
+        return f"full disk: skipped (cannot run mount: {e})", []
+    if mounted.returncode != 0:
+        return f"full disk: skipped (mounting a tmpfs is not allowed here: {mounted.stderr.strip()})", []
+    run, problems = mnt / "run", []
+    cmd = command(run, cache, nproc, 29500 + rng.randrange(1000))
+    try:
+        full = _run(cmd)
+        before = finished_stages(run)
+        problem = _one_error(full, "no space left")
+        if problem:
+            problems.append(f"full disk ({size_mb} MiB): {problem}")
+        bad = verify_artifacts(run)
+        problems += [f"full disk: {b}" for b in bad]
+        subprocess.run(["mount", "-o", "remount,size=2g", str(mnt)], check=True)
+        done = _run(cmd)
+        if done.returncode != 0:
+            problems.append(f"full disk: the rerun after freeing space failed: {done.stderr[-600:]}")
+        after = finished_stages(run)
+        problems += [f"full disk: {s} lost" for s in before if s not in after]
+        problems += [f"full disk: {s} not finished by the rerun" for s in STAGES if s not in after]
+        problems += [f"full disk, rerun: {b}" for b in verify_artifacts(run)]
+        subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+        py = [sys.executable, "-m", "dualpseudo"]
+        for name, ro in (("report", py + ["report", "--run-dir", str(run)]),
+                         ("eval", py + ["eval", "--run-dir", str(run)]), ("run", cmd)):
+            r = _run(ro)
+            if r.returncode != 0:
+                problems.append(f"read-only: `{name}` of the finished run failed: {(r.stderr or r.stdout)[-600:]}")
+        summary = (f"full disk: {size_mb} MiB filled during {sorted(set(STAGES) - set(before)) or 'nothing'}, "
+                   f"stopped with one error line, finished after growing; read-only report/eval/run ok")
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+    return summary, problems
+
+
 def verify_artifacts(run: Path) -> list[str]:
     """Load every artifact of the run directory; the list of failures."""
     from dualpseudo.artifacts import load_npz, load_torch, read_json
@@ -146,6 +268,8 @@ def main() -> int:
     ap.add_argument("--nproc", type=int, default=1, help="processes per launch (accelerate launch when > 1)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--run-dir", default=None, help="default: a fresh temporary folder")
+    ap.add_argument("--disk-mb", type=int, default=None,
+                    help="size of the tmpfs that fills up (MiB; default 60%% of the finished run directory)")
     args = ap.parse_args()
     rng = random.Random(args.seed)
     base = Path(args.run_dir or tempfile.mkdtemp(prefix="bench_faults_"))
@@ -153,6 +277,11 @@ def main() -> int:
     t0 = time.time()
     kills = resumes = lost = 0
     pending_resume = False
+    refused, problems = concurrent_runs(base, cache, args.nproc, rng)
+    for p in problems:
+        print("LOST", p)
+    lost += len(problems)
+    print(f"concurrent runs: {refused} of 2 refused with the holder's PID", flush=True)
     for stage in STAGES:
         landed = 0
         for i in range(3 * args.kills_per_stage):
@@ -186,6 +315,12 @@ def main() -> int:
     lost += len(bad) + len(not_reused)
     for b in bad + [f"{s} not reused by a final rerun" for s in not_reused]:
         print("LOST", b)
+    size = sum(p.stat().st_size for p in run.rglob("*") if p.is_file())
+    disk, disk_problems = full_disk(base, cache, args.nproc, rng, args.disk_mb or max(1, int(0.6 * size) >> 20))
+    for p in disk_problems:
+        print("LOST", p)
+    lost += len(disk_problems)
+    print(disk, flush=True)
     print(f"{kills} kills, {resumes} resumes, {lost} lost  ({args.nproc} process(es), {time.time() - t0:.0f} s, "
           f"run directory {run})")
     return 0 if lost == 0 and resumes == kills else 1

@@ -83,7 +83,10 @@ def test_stage_status_round_trip_and_stale_hashes(tmp_path):
     (d / "out.json").unlink()
     assert "missing" in A.stage_status(d, "cfg1", {"data": "fp"})[1]
     (d / "manifest.json").write_text("{trunc")
-    assert A.stage_status(d, "cfg1", {"data": "fp"}) == (False, "not run yet")
+    assert A.stage_status(d, "cfg1", {"data": "fp"}) == (False, "manifest.json is unreadable")
+    A.write_json(d / "manifest.json", {"schema_version": A.SCHEMA_VERSION, "config_hash": "cfg1",
+                                       "inputs": {"data": "fp"}, "outputs": ["out.json"]})
+    assert A.stage_status(d, "cfg1", {"data": "fp"}) == (False, "manifest.json is malformed")
 
 
 def test_reset_if_stale_drops_state_only_on_key_change(tmp_path):
@@ -94,3 +97,34 @@ def test_reset_if_stale_drops_state_only_on_key_change(tmp_path):
     assert (tmp_path / "state.pt").exists()
     assert A.reset_if_stale(tmp_path, {"k": 2}, ("state.pt",)) is True
     assert not (tmp_path / "state.pt").exists()
+
+
+def test_state_hash_is_recorded_and_checked(tmp_path):
+    """A training state's sha256 is recorded beside it; a flipped bit is refused, the state it replaced (a kill
+    between the record and the rename) still loads, and a changed text file is the only one rewritten."""
+    path = tmp_path / "state.pt"
+    A.save_state(path, {"step": 1, "w": torch.ones(64)})
+    first = path.read_bytes()
+    A.save_state(path, {"step": 2, "w": torch.ones(64)})
+    assert A.load_state(path)["step"] == 2
+    assert len((tmp_path / "state.pt.sha256").read_text().splitlines()) == 2
+    path.write_bytes(first)                                 # the previous state: listed in the record
+    assert A.load_state(path)["step"] == 1
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(A.ArtifactError, match="does not match the sha256 recorded"):
+        A.load_state(path)
+    assert A.reset_if_stale(tmp_path, {"k": 1}, ("state.pt",)) is True
+    assert not (tmp_path / "state.pt.sha256").exists()
+
+
+def test_unchanged_text_is_not_rewritten_and_logs_are_rebuilt(tmp_path, capsys):
+    A.write_text(tmp_path / "a.txt", "same")
+    before = (tmp_path / "a.txt").stat().st_ino
+    A.write_text(tmp_path / "a.txt", "same")
+    assert (tmp_path / "a.txt").stat().st_ino == before    # not replaced: works in a read-only directory
+    (tmp_path / "stats.jsonl").write_text('{"step": 1}\nnot json\n[2]\n{"step": 3}\n{"step": 5}\n')
+    assert A.read_log(tmp_path / "stats.jsonl", 4) == ['{"step": 1}', '{"step": 3}']
+    assert "dropped 2 unreadable line(s)" in capsys.readouterr().err
+    assert (tmp_path / "stats.jsonl").read_text() == '{"step": 1}\n{"step": 3}\n'

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from dualpseudo.artifacts import load_torch
+from dualpseudo.artifacts import load_torch, save_state
 from dualpseudo.classify import train as T
 from dualpseudo.classify.networks import NETWORKS
 from dualpseudo.config import Stage1Config
@@ -107,9 +107,9 @@ def test_non_finite_loss_keeps_last_good_state(tmp_path):
     # a NaN-producing resume of the same run: poison the weights, then the state on disk must stay intact
     state = load_torch(tmp_path / "state.pt")
     state["model"] = {k: (v * float("nan") if v.is_floating_point() else v) for k, v in state["model"].items()}
-    torch.save(state, tmp_path / "poisoned.pt")
-    (tmp_path / "state.pt").write_bytes((tmp_path / "poisoned.pt").read_bytes())
+    save_state(tmp_path / "state.pt", state)            # with its sha256 record, as training writes it
+    poisoned = (tmp_path / "state.pt").read_bytes()
     with pytest.raises(FloatingPointError, match="last good state"):
         _run(cfg, tmp_path)
     assert load_torch(tmp_path / "state.pt")["step"] == 2
-    assert (tmp_path / "state.pt").read_bytes() == (tmp_path / "poisoned.pt").read_bytes()
+    assert (tmp_path / "state.pt").read_bytes() == poisoned

@@ -32,7 +32,7 @@ def test_override_sets_nested_value_with_yaml_types():
     ("stage1.iterations=abc", "stage1.iterations"),
     ("stage1.iterations=1.5", "stage1.iterations"),
     ("stage1.learner=meanteacher", "stage1.learner"),
-    ("data.labels_per_class=0", "data.labels_per_class"),
+    ("data.labels_per_class=-1", "data.labels_per_class"),
     ("stage2.p_uncond=1.5", "stage2.p_uncond"),
     ("runtime.precision=int8", "runtime.precision"),
     ("stage1.iterations", "key.sub=value"),

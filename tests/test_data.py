@@ -100,6 +100,20 @@ def test_image_folder_and_unreadable_image(tmp_path):
         load_dataset(DataConfig(name="folder", root=str(tmp_path)))
 
 
+def test_a_folder_mixing_grey_and_colour_becomes_rgb_whatever_comes_first(tmp_path):
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            Image.fromarray(np.full((12, 12), 200, np.uint8)).save(tmp_path / split / cls / "0_grey.png")
+    Image.fromarray(np.full((12, 12, 3), (255, 0, 0), np.uint8)).save(tmp_path / "test" / "b" / "1_red.png")
+    ds = load_dataset(DataConfig(name="folder", root=str(tmp_path)))
+    assert ds.train_images.shape[1:] == ds.test_images.shape[1:] == (12, 12, 3)   # a colour test image: all RGB
+    assert (ds.train_images == 200).all()                                          # grey kept as grey RGB
+    assert ds.test_images[-1, 0, 0].tolist() == [255, 0, 0]                        # red stays red
+
+
 def test_image_folder_cache_is_a_memory_map_reused_until_a_file_changes(tmp_path, monkeypatch):
     import os
 
@@ -150,8 +164,14 @@ def test_labeled_split_seeded_balanced_and_errors():
     assert not np.array_equal(a, labeled_split(labels, 5, 3, seed=2))
     with pytest.raises(DataError, match="class 0 has 20 training images, fewer than labels_per_class=21"):
         labeled_split(labels, 5, 21, seed=0)
-    with pytest.raises(DataError, match="labels_per_class must be > 0"):
-        labeled_split(labels, 5, 0, seed=0)
+    with pytest.raises(DataError, match="labels_per_class must be >= 0"):
+        labeled_split(labels, 5, -1, seed=0)
+    pool = labels.copy()
+    pool[::2] = -1                                   # a pool: unknown labels are never drawn; 0 takes every known one
+    assert labeled_split(pool, 5, 0, seed=0).tolist() == np.flatnonzero(pool >= 0).tolist()
+    assert (pool[labeled_split(pool, 5, 4, seed=0)] >= 0).all()
+    with pytest.raises(DataError, match="class 0 has 10 labeled images, fewer than labels_per_class=11"):
+        labeled_split(pool, 5, 11, seed=0)
     rec = split_record(a, labels, 5, "fp", 1, "x")
     assert rec["num_labeled"] == 15 and len(rec["per_class"]["4"]) == 3
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from dualpseudo.artifacts import ArtifactError, load_torch, save_torch
+from dualpseudo.artifacts import ArtifactError, load_torch, save_state
 from dualpseudo.config import Stage2Config
 from dualpseudo.diffuse.train import train_diffusion
 
@@ -48,7 +48,7 @@ def test_nonfinite_loss_raises_and_keeps_state(tmp_path):
     run(dataclasses.replace(CFG, duration_kimg=0.064), tmp_path)
     state = load_torch(tmp_path / "state.pt")                          # poison the weights: NaN loss next step
     state["net"] = {k: v.fill_(float("nan")) if v.is_floating_point() else v for k, v in state["net"].items()}
-    save_torch(tmp_path / "state.pt", state)
+    save_state(tmp_path / "state.pt", state)                          # with its sha256 record
     before = (tmp_path / "state.pt").read_bytes()
     with pytest.raises(FloatingPointError, match="non-finite loss"):
         run(CFG, tmp_path)

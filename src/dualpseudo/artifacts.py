@@ -5,9 +5,15 @@ the old file, the complete new file, or nothing. A stage's manifest (`manifest.j
 records the schema version, the hash of the config that produced the stage, the hashes of its inputs and of
 its outputs. A stage is done only when its manifest exists, its hashes match what the caller expects and every
 output still has the recorded hash. Tensors are loaded with `weights_only=True`, never unpickled as code.
+
+A resumable training state (`save_state`) has its sha256 recorded beside it (`state.pt.sha256`, written before
+the state is renamed into place, so it also lists the state it replaces); `load_state` refuses a state whose
+bytes match neither. A text file whose new content equals the old one is not rewritten, so a finished run can be
+read, reported and evaluated from a read-only directory.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -29,26 +35,69 @@ class ArtifactError(RuntimeError):
     """An artifact that is missing, truncated, of the wrong schema or otherwise unusable."""
 
 
-def atomic_write(path: str | Path, write: Callable[[io.BufferedWriter], None]) -> Path:
-    """Call `write(fileobj)` on a temp file beside `path`, fsync, then rename it onto `path`."""
+def atomic_write(path: str | Path, write: Callable[[io.BufferedWriter], None],
+                 before_replace: Callable[[Path], None] | None = None) -> Path:
+    """Call `write(fileobj)` on a temp file beside `path`, fsync, then rename it onto `path`.
+
+    `before_replace(temp_path)` runs on the complete temp file just before the rename. A failed torch.save
+    (torch's `inline_container.cc` text) is re-raised as the OSError it stands for (ENOSPC when the disk is full).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:                                # e.g. a read-only directory: name the file, not the dir
+        raise OSError(e.errno, e.strerror, str(path)) from None
     try:
         os.chmod(tmp, 0o666 & ~_UMASK)                  # mkstemp makes 0600; artifacts are ordinary files
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        if before_replace is not None:
+            before_replace(Path(tmp))
         os.replace(tmp, path)
+    except RuntimeError as e:                           # torch.save reports a failed write without its errno
+        Path(tmp).unlink(missing_ok=True)
+        if "inline_container" not in str(e) and "PytorchStreamWriter" not in str(e):
+            raise
+        raise _write_failure(path, e) from None
+    except OSError as e:                                # name the file (fsync and write do not)
+        Path(tmp).unlink(missing_ok=True)
+        if e.filename is not None or e.errno is None:
+            raise
+        raise OSError(e.errno, e.strerror, str(path)) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
 
 
+def _write_failure(path: Path, e: Exception) -> OSError:
+    """The OSError a failed torch.save stands for: ENOSPC when the device is (nearly) full, else EIO."""
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = None
+    if free is not None and free < 64 << 20:
+        return OSError(errno.ENOSPC, f"No space left on device ({free >> 20} MiB free)", str(path))
+    first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+    return OSError(errno.EIO, f"write failed ({first})", str(path))
+
+
 def write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write `data` atomically; a file that already holds exactly these bytes is left as it is."""
+    path = Path(path)
+    if _holds(path, data):
+        return path
     return atomic_write(path, lambda f: f.write(data))
+
+
+def _holds(path: Path, data: bytes) -> bool:
+    try:
+        return path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data
+    except OSError:
+        return False
 
 
 def write_text(path: str | Path, text: str) -> Path:
@@ -77,6 +126,45 @@ def read_json(path: str | Path) -> Any:
         raise ArtifactError(f"{path} does not exist") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ArtifactError(f"{path} is not valid JSON ({e}); delete it to rebuild") from None
+
+
+def read_log(path: str | Path, upto: int | float, key: str = "step", rewrite: bool = True) -> list[str]:
+    """The lines of a JSON-lines log (`stats.jsonl`) whose `key` is <= `upto`, for a resumed training to extend.
+
+    The log is derived from the training, so lines that are not JSON objects with a numeric `key`, and an
+    unreadable file, are dropped with a warning instead of stopping the run; with `rewrite` (rank 0) the file is
+    rebuilt from the lines kept at once."""
+    import sys
+
+    path = Path(path)
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    except (OSError, UnicodeDecodeError) as e:
+        print(f"warning: {path} is unreadable ({e}); it is rebuilt from the training state", file=sys.stderr)
+        if rewrite:
+            write_text(path, "")
+        return []
+    kept, bad = [], 0
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            value = row[key] if isinstance(row, dict) else None
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        except (ValueError, KeyError):
+            ok = False
+        if not ok:
+            bad += 1
+        elif value <= upto:
+            kept.append(line)
+    if bad:
+        print(f"warning: {path}: dropped {bad} unreadable line(s); the log is rebuilt without them", file=sys.stderr)
+        if rewrite:
+            write_text(path, "".join(line + "\n" for line in kept))
+    return kept
 
 
 def save_npz(path: str | Path, **arrays: np.ndarray) -> Path:
@@ -115,6 +203,60 @@ def load_torch(path: str | Path, map_location: str | torch.device = "cpu") -> An
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ArtifactError(f"{path} cannot be loaded safely ({first[:200]}); delete it to rebuild") from None
+
+
+def _state_record(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+_KNOWN_STATE: dict[str, str] = {}          # path -> sha256 of the state this process last wrote or verified there
+
+
+def save_state(path: str | Path, obj: Any) -> Path:
+    """`save_torch` for a resumable training state, with its sha256 recorded in `<name>.sha256`.
+
+    The record is written before the state is renamed into place and keeps the hash of the state it replaces,
+    so a kill between the two writes leaves a state that still verifies."""
+    path = Path(path)
+
+    def record(tmp: Path) -> None:
+        new = _sha256(tmp)
+        old = _KNOWN_STATE.get(str(path))
+        if old is None and path.is_file():
+            old = _sha256(path)
+        write_text(_state_record(path), "".join(f"{h}  {path.name}\n" for h in dict.fromkeys([new, old]) if h))
+        _KNOWN_STATE[str(path)] = new
+
+    return atomic_write(path, lambda f: torch.save(obj, f), before_replace=record)
+
+
+def load_state(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
+    """`load_torch` for a file written by `save_state`, after checking its bytes against the recorded sha256.
+
+    A state without a record (written before states had one) is loaded unchecked."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path} does not exist")
+    rec = _state_record(path)
+    if rec.is_file():
+        try:
+            known = [line.split()[0] for line in rec.read_text().splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError, IndexError):
+            known = []
+        digest = _sha256(path)
+        if digest not in known:
+            raise ArtifactError(f"{path} does not match the sha256 recorded in {rec.name} (the file was altered "
+                                f"or damaged); delete it to start this training over")
+        _KNOWN_STATE[str(path)] = digest
+    return load_torch(path, map_location)
 
 
 def save_weights(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict, key: str) -> Path:
@@ -195,19 +337,26 @@ def stage_status(stage_dir: str | Path, config_hash: str, inputs: dict[str, str]
     stage_dir = Path(stage_dir)
     m = read_manifest(stage_dir)
     if m is None:
-        return False, "not run yet"
+        return False, "manifest.json is unreadable" if (stage_dir / "manifest.json").exists() else "not run yet"
     if m.get("schema_version") != SCHEMA_VERSION:
         return False, f"schema version {m.get('schema_version')} != {SCHEMA_VERSION}"
     if m.get("config_hash") != config_hash:
         return False, "its config changed"
     if m.get("inputs") != inputs:
         return False, "its inputs changed"
-    for name, digest in m.get("outputs", {}).items():
+    outputs = m.get("outputs")
+    if not isinstance(outputs, dict) or not outputs or not all(
+            isinstance(k, str) and k and isinstance(v, str) for k, v in outputs.items()):
+        return False, "manifest.json is malformed"
+    for name, digest in outputs.items():
         p = stage_dir / name
-        if not p.is_file():
-            return False, f"{name} is missing"
-        if file_hash(p) != digest:
-            return False, f"{name} changed since it was written"
+        try:
+            if not p.is_file():
+                return False, f"{name} is missing"
+            if file_hash(p) != digest:
+                return False, f"{name} changed since it was written"
+        except (OSError, ValueError):               # a name that is no file of the stage (e.g. a NUL byte)
+            return False, "manifest.json is malformed"
     return True, "done"
 
 
@@ -237,6 +386,8 @@ def reset_if_stale(stage_dir: str | Path, key: dict, files: tuple[str, ...], key
             shutil.rmtree(p)
         else:
             p.unlink()
+            _state_record(p).unlink(missing_ok=True)
+            _KNOWN_STATE.pop(str(p), None)
     invalidate(stage_dir)
     write_json(path, key)
     return bool(stale)

@@ -31,9 +31,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..artifacts import ArtifactError, file_hash, load_torch, load_weights, save_torch, save_weights, write_text
+from ..artifacts import (ArtifactError, file_hash, load_state, load_weights, read_log, save_state, save_weights,
+                         write_text)
 from ..config import EncoderConfig, hashable_dict
 from ..distributed import World, current
+from ..guards import DivergenceError, finite, kept_state
 from ..runtime import autocast
 from . import augment
 from .networks import build_network
@@ -116,7 +118,7 @@ def _load_state(path: Path, key: dict, model: nn.Module, opt: torch.optim.Optimi
     """Restore a saved training state into model/opt/gen; returns its step (0 when there is none)."""
     if not path.is_file():
         return 0
-    state = load_torch(path, map_location=device)
+    state = load_state(path, map_location=device)
     if not isinstance(state, dict) or state.get("resume_key") != key:
         raise ArtifactError(f"{path} was written with other encoder settings or images; delete it to start over")
     try:
@@ -159,15 +161,20 @@ def train_encoder(cfg: EncoderConfig, images: np.ndarray, out_dir: str | Path, *
     key = _resume_key(cfg, (C, H, W), len(data), seed)
     state_path, stats_path = out_dir / STATE_FILE, out_dir / STATS_FILE
     step = _load_state(state_path, key, model, opt, gen, world, device)
-    stats = []
-    if step and stats_path.is_file():
-        stats = [l for l in stats_path.read_text().splitlines() if l and json.loads(l)["step"] <= step]
+    stats = read_log(stats_path, step, rewrite=world.is_main) if step else []
+    good = step if step else None                       # the step of the state on disk, None before the first
 
-    def save_state() -> None:
+    def checkpoint() -> None:
+        nonlocal good
+        if not world.all_true(finite(model), device):           # a saved state always holds finite weights
+            bar.close()
+            raise DivergenceError(f"encoder: non-finite weights after step {step} (the training diverged); "
+                                  f"{kept_state(state_path, good)}. Lower encoder.lr")
         ranks = [s.cpu() for s in world.gather(gen.get_state().cpu())] if world.distributed else [gen.get_state()]
         if world.is_main:
-            save_torch(state_path, {"step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
+            save_state(state_path, {"step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
                                     "rng": ranks, "resume_key": key})
+        good = step
 
     total = cfg.steps
     end = total if stop_at is None else min(total, stop_at)
@@ -186,8 +193,8 @@ def train_encoder(cfg: EncoderConfig, images: np.ndarray, out_dir: str | Path, *
         loss = nt_xent(z, cfg.temperature)
         if not world.all_true(torch.isfinite(loss), device):
             bar.close()
-            raise FloatingPointError(f"non-finite encoder loss at step {step}; the state saved at step "
-                                     f"{step - step % cfg.checkpoint_every} is the last good one. Lower encoder.lr")
+            raise DivergenceError(f"encoder: non-finite loss at step {step}; {kept_state(state_path, good)}. "
+                                  f"Lower encoder.lr")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -204,7 +211,7 @@ def train_encoder(cfg: EncoderConfig, images: np.ndarray, out_dir: str | Path, *
             bar.set_postfix(loss=f"{mean:.3f}")
             t_log, window = now, []
         if step % cfg.checkpoint_every == 0 or step == end:
-            save_state()
+            checkpoint()
     bar.close()
     return model.eval()
 

@@ -57,7 +57,13 @@ class TorchScriptFeatures(nn.Module):
         self.precision = precision
         with warnings.catch_warnings():          # torch >= 2.10 deprecates jit.load
             warnings.simplefilter("ignore", DeprecationWarning)
-            self.net = torch.jit.load(str(path), map_location="cpu").eval()
+            try:
+                self.net = torch.jit.load(str(path), map_location="cpu").eval()
+            except (RuntimeError, ValueError) as e:
+                from ..config import ConfigError
+                raise ConfigError(f"linear_probe.encoder_path: {path} cannot be loaded as TorchScript "
+                                  f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}); "
+                                  f"export the encoder again with torch.jit.save") from None
         self.extractor_id = f"torchscript:{file_hash(path)}:{precision}"
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

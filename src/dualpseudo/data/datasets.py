@@ -27,9 +27,14 @@ class DataError(ValueError):
     """A dataset problem a user can fix; the message names the file and what to do."""
 
 
+class DataMissingError(DataError):
+    """The dataset's files are not on this machine (yet): `--dry-run` lists it instead of failing."""
+
+
 FASHION_MNIST_CLASSES = ["t-shirt/top", "trouser", "pullover", "dress", "coat",
                          "sandal", "shirt", "sneaker", "bag", "ankle boot"]
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+DECODE_VERSION = 2          # of `_read_image`'s conversion rules: part of a decoded folder's cache key
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
@@ -45,6 +50,11 @@ class Dataset:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def train_labels_known(self) -> bool:
+        """False for a pool of unlabeled images (`data/pool.py`): unknown training labels are -1."""
+        return bool(len(self.train_labels) == 0 or self.train_labels.min() >= 0)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -72,6 +82,9 @@ def load_dataset(cfg: DataConfig, cache_dir: str | Path | None = None) -> Datase
     if cfg.name in ("fashion_mnist", "mnist"):
         names = FASHION_MNIST_CLASSES if cfg.name == "fashion_mnist" else [str(i) for i in range(10)]
         ds = _load_idx_dataset(cfg.name, Path(cfg.root), names)
+    elif cfg.name == "pool":
+        from .pool import load_pool
+        ds = load_pool(cfg, Path(cache_dir).expanduser() / "data" if cache_dir else None)
     elif cfg.name == "cifar10":
         ds = _load_cifar10(Path(cfg.root))
     elif cfg.name == "folder":
@@ -96,8 +109,9 @@ def validate(ds: Dataset) -> None:
             raise DataError(f"{ds.name} {split} images must be uint8 (N, H, W, C), got {x.dtype} {x.shape}")
         if len(x) != len(y):
             raise DataError(f"{ds.name} {split}: {len(x)} images but {len(y)} labels")
-        if len(y) and (y.min() < 0 or y.max() >= ds.num_classes):
-            bad = int(y[(y < 0) | (y >= ds.num_classes)][0])
+        low = -1 if split == "train" and ds.name.startswith("pool:") else 0   # -1: a pool image's unknown class
+        if len(y) and (y.min() < low or y.max() >= ds.num_classes):
+            bad = int(y[(y < low) | (y >= ds.num_classes)][0])
             raise DataError(f"{ds.name} {split}: label {bad} is outside 0..{ds.num_classes - 1}")
     if len(ds.train_images) == 0:
         raise DataError(f"{ds.name}: the training set is empty")
@@ -110,7 +124,7 @@ def _find(root: Path, stem: str, how_to_get: str) -> Path:
     for p in (root / stem, root / f"{stem}.gz"):
         if p.is_file():
             return p
-    raise DataError(f"missing {root / stem}(.gz); {how_to_get}")
+    raise DataMissingError(f"missing {root / stem}(.gz); {how_to_get}")
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -162,7 +176,8 @@ class _SafeUnpickler(pickle.Unpickler):
 
 def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if not path.is_file():
-        raise DataError(f"missing {path}; extract cifar-10-python.tar.gz so that {path.parent} holds the batches")
+        raise DataMissingError(f"missing {path}; extract cifar-10-python.tar.gz so that {path.parent} holds the "
+                               f"batches")
     try:
         d = _SafeUnpickler(io.BytesIO(path.read_bytes()), encoding="bytes").load()
         data = np.asarray(d[b"data"], dtype=np.uint8)
@@ -186,39 +201,116 @@ def _load_cifar10(root: Path) -> Dataset:
 
 # ---------------------------------------------------------------------------------------------- image folders
 def _list_folder_split(root: Path, classes: list[str]) -> tuple[list[Path], np.ndarray]:
-    """Image files of `root/<class>/` (classes in the given order, files sorted) and their labels."""
+    """Image files of `root/<class>/` (classes in the given order, files sorted) and their labels.
+
+    A symbolic link that leads nowhere (dangling, or a loop) is an error naming it, never a silently skipped
+    image or class."""
     files, labels = [], []
     for c, cls in enumerate(classes):
         folder = root / cls
+        _check_link(folder)
         if not folder.is_dir():
             continue
         for p in sorted(folder.iterdir()):
             if p.suffix.lower() in IMAGE_SUFFIXES:
+                _check_link(p)
                 files.append(p)
                 labels.append(c)
     return files, np.asarray(labels, np.int64)
 
 
+def _check_link(p: Path) -> None:
+    """DataError when `p` cannot be followed (a dangling symbolic link or a link loop)."""
+    try:
+        p.stat()
+    except FileNotFoundError:
+        if p.is_symlink():
+            raise DataError(f"{p} is a symbolic link to {os.readlink(p)!r}, which does not exist; fix or delete "
+                            f"the link") from None
+        raise DataError(f"{p} disappeared while the folder was read") from None
+    except OSError as e:
+        raise DataError(f"cannot follow {p} ({e.strerror or e}; a symbolic link loop?); fix or delete it") from None
+
+
+# Pillow modes: grey ones stay one channel; 16/32-bit integer grey is scaled from 0..65535 to 0..255.
+_GREY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N"}
+
+
 def _read_image(p: Path, mode: str | None) -> tuple[np.ndarray, str]:
-    """(uint8 (H, W, C), mode): grey images stay one channel, everything else becomes RGB."""
-    from PIL import Image, UnidentifiedImageError
+    """(uint8 (H, W, C), mode): grey images stay one channel ("L"), everything else becomes RGB.
+
+    Conversion rules: 16-bit (and 32-bit integer) grey is scaled from 0..65535 to 0..255 (an "I" image with
+    values outside 0..65535 is refused); palette images take their palette's colours; transparency (LA, RGBA,
+    a palette's transparent entry) is composited onto black; floating-point images are refused. Pillow's
+    decompression-bomb limit applies: an image of more pixels than that is refused, not decoded."""
+    import warnings
+
+    from PIL import Image
 
     try:
-        with Image.open(p) as im:
-            im.load()
-            mode = mode or ("L" if im.mode in ("L", "1", "I;16", "I") else "RGB")
-            arr = np.asarray(im.convert(mode), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise DataError(f"cannot read image {p} ({e})") from None
-    return arr.reshape(*arr.shape[:2], -1), mode
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(p) as im:
+                im.load()
+                mode = mode or ("L" if im.mode in _GREY_MODES else "RGB")
+                arr = _to_uint8(im, p, mode)
+    except DataError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise DataError(f"image {p} is too large to decode safely ({e}); shrink it or remove it") from None
+    except MemoryError:
+        raise DataError(f"image {p} does not fit in memory; shrink it or remove it") from None
+    except Exception as e:                  # Pillow's errors for a broken file: OSError, SyntaxError, ValueError...
+        raise DataError(f"cannot read image {p} ({type(e).__name__}: {e}); replace or remove it") from None
+    return arr, mode
 
 
-def _decode_into(files: list[Path], alloc, desc: str) -> np.ndarray:
+def _to_uint8(im, p: Path, mode: str) -> np.ndarray:
+    """An open Pillow image as uint8 (H, W, 1) for mode "L" or (H, W, 3) for "RGB", by `_read_image`'s rules."""
+    from PIL import Image
+
+    if im.mode in ("F", "I;32F") or im.mode.startswith("F;"):
+        raise DataError(f"image {p} has floating-point pixels (Pillow mode {im.mode}); save it as 8- or 16-bit")
+    if im.mode.startswith("I"):                               # 16-bit grey (I;16*) or 32-bit integer grey (I)
+        a = np.asarray(im)
+        if a.size and (int(a.min()) < 0 or int(a.max()) > 65535):
+            raise DataError(f"image {p} has integer pixels outside 0..65535 (Pillow mode {im.mode}); save it as "
+                            f"8- or 16-bit")
+        grey = ((a.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+        im = Image.fromarray(grey)                            # mode L
+    if im.mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    elif im.mode in ("L", "RGB") and "transparency" in im.info:
+        im = im.convert("RGBA")                               # a tRNS colour key
+    if "A" in im.getbands() or im.mode in ("La", "RGBa"):
+        rgba = np.asarray(im.convert("RGBA"), dtype=np.uint16)
+        rgb = (rgba[..., :3] * rgba[..., 3:] + 127) // 255    # alpha composited onto black
+        im = Image.fromarray(rgb.astype(np.uint8))            # mode RGB
+    arr = np.asarray(im.convert(mode), dtype=np.uint8)
+    return arr.reshape(*arr.shape[:2], -1)
+
+
+def folder_mode(files: list[Path]) -> str:
+    """"L" when every image is grey, else "RGB": read from the file headers, nothing decoded (a folder mixing
+    grey and colour images becomes RGB as a whole, never grey)."""
+    from PIL import Image
+
+    for p in files:
+        try:
+            with Image.open(p) as im:
+                if im.mode not in _GREY_MODES:
+                    return "RGB"
+        except Exception:                       # decoding names the broken file
+            continue
+    return "L"
+
+
+def _decode_into(files: list[Path], alloc, desc: str, mode: str | None = None) -> np.ndarray:
     """Decode `files` into `alloc(shape)`, a uint8 (N, H, W, C) array (in memory or a memory map) made once the
-    first image gives H, W and C."""
+    first image gives H, W and C; `mode` ("L"/"RGB") defaults to `folder_mode(files)`."""
     from tqdm.auto import tqdm
 
-    first, mode = _read_image(files[0], None)
+    first, mode = _read_image(files[0], mode or folder_mode(files))
     out = alloc((len(files), *first.shape))
     for i, p in enumerate(tqdm(files, desc=desc, unit="img", disable=len(files) < 5000, dynamic_ncols=True)):
         arr = first if i == 0 else _read_image(p, mode)[0]
@@ -229,14 +321,16 @@ def _decode_into(files: list[Path], alloc, desc: str) -> np.ndarray:
     return out
 
 
-def _read_folder_split(root: Path, classes: list[str], cache: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+def _read_folder_split(root: Path, classes: list[str], cache: Path | None = None,
+                       mode: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     files, labels = _list_folder_split(root, classes)
     if not files:
         return np.zeros((0, 1, 1, 1), np.uint8), np.zeros(0, np.int64)
+    mode = mode or folder_mode(files)
     if cache is None:
-        return _decode_into(files, lambda shape: np.empty(shape, np.uint8), f"decoding {root}"), labels
+        return _decode_into(files, lambda shape: np.empty(shape, np.uint8), f"decoding {root}", mode), labels
     # The memory-mapped copy: keyed by every file's path, size and mtime, written whole before it is renamed.
-    h = hashlib.sha256(str(root.resolve()).encode())
+    h = hashlib.sha256(f"{root.resolve()}|{DECODE_VERSION}|{mode}".encode())
     for p, y in zip(files, labels):
         st = p.stat()
         h.update(f"{p.relative_to(root)}|{st.st_size}|{st.st_mtime_ns}|{y}\n".encode())
@@ -253,7 +347,7 @@ def _read_folder_split(root: Path, classes: list[str], cache: Path | None = None
     try:
         out = _decode_into(files, lambda shape: np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
                                                                           shape=shape),
-                           f"decoding {root} into {path}")
+                           f"decoding {root} into {path}", mode)
         out.flush()
         del out
         os.replace(tmp, path)
@@ -267,16 +361,22 @@ def _load_folder(root: Path, cache: Path | None = None) -> Dataset:
 
     With `cache`, the decoded images are a read-only memory map of `cache/folder-<key>.npy`."""
     if not root.is_dir():
-        raise DataError(f"image folder {root} does not exist")
+        raise DataMissingError(f"image folder {root} does not exist")
     train_root = root / "train" if (root / "train").is_dir() else root
-    classes = sorted(p.name for p in train_root.iterdir() if p.is_dir() and p.name != "test")
+    entries = sorted(train_root.iterdir())
+    for p in entries:                                       # a class folder behind a broken link is an error
+        _check_link(p)
+    classes = sorted(p.name for p in entries if p.is_dir() and p.name != "test")
     if len(classes) < 2:
         raise DataError(f"{train_root} must hold one sub-folder of images per class (found {len(classes)})")
-    x, y = _read_folder_split(train_root, classes, cache)
+    has_test = (root / "test").is_dir() and train_root != root
+    files = _list_folder_split(train_root, classes)[0]
+    mode = folder_mode(files + (_list_folder_split(root / "test", classes)[0] if has_test else []))
+    x, y = _read_folder_split(train_root, classes, cache, mode)
     if len(x) == 0:
         raise DataError(f"no images found under {train_root}")
-    if (root / "test").is_dir() and train_root != root:
-        tx, ty = _read_folder_split(root / "test", classes, cache)
+    if has_test:
+        tx, ty = _read_folder_split(root / "test", classes, cache, mode)
     else:
         tx, ty = np.zeros((0, *x.shape[1:]), np.uint8), np.zeros(0, np.int64)
     return Dataset(f"folder:{root.name}", x, y, tx, ty, tuple(classes))

@@ -25,7 +25,7 @@ from torch import nn
 
 from tqdm.auto import tqdm
 
-from ..artifacts import ArtifactError, load_npz, load_torch, load_weights, save_npz, save_torch, save_weights
+from ..artifacts import ArtifactError, load_npz, load_state, load_weights, save_npz, save_state, save_weights
 from ..config import LatentConfig, config_hash
 
 SD_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
@@ -120,7 +120,8 @@ def train_autoencoder(ae: KLAutoencoder, images_uint8: np.ndarray, *, steps: int
 
     With `state_path`, the model, optimizer, batch generator, step and losses are saved every `checkpoint_every`
     steps and at the end; a later call with the same `key` resumes from that state (on CPU, N steps straight and
-    N/2 + resume + N/2 give the same weights), a state with another key is ignored and overwritten.
+    N/2 + resume + N/2 give the same weights), a state with another key, or whose bytes do not match their recorded
+    sha256, is ignored and overwritten.
     """
     device = torch.device(device)
     ae.to(device).train()
@@ -130,7 +131,7 @@ def train_autoencoder(ae: KLAutoencoder, images_uint8: np.ndarray, *, steps: int
     start = 0
     if state_path is not None and Path(state_path).is_file():
         try:
-            st = load_torch(state_path, map_location=device)
+            st = load_state(state_path, map_location=device)
             if st.get("key") == key:
                 ae.load_state_dict(st["model"])
                 opt.load_state_dict(st["optimizer"])
@@ -141,7 +142,7 @@ def train_autoencoder(ae: KLAutoencoder, images_uint8: np.ndarray, *, steps: int
 
     def save(step: int) -> None:
         if state_path is not None:
-            save_torch(state_path, {"key": key, "model": ae.state_dict(), "optimizer": opt.state_dict(),
+            save_state(state_path, {"key": key, "model": ae.state_dict(), "optimizer": opt.state_dict(),
                                     "generator": g.get_state(), "step": step, "log": log})
 
     bar = tqdm(total=steps, initial=start, desc="stage2 autoencoder", unit="step", disable=not progress,
