@@ -7,16 +7,26 @@ import random
 import numpy as np
 import torch
 
-from .config import RuntimeConfig
+from .config import ConfigError, RuntimeConfig
 
 
 def resolve_device(name: str) -> torch.device:
-    """`auto` picks CUDA when present, else CPU; anything else is passed to torch.device."""
+    """`auto` picks CUDA when present, else CPU; `cpu`, `cuda` and `cuda:N` must exist on this machine.
+
+    A malformed name or an absent device raises `ConfigError` (one `error:` line from the command line)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not (name in ("cpu", "cuda") or (name.startswith("cuda:") and name[5:].isdigit())):
+        raise ConfigError(f"runtime.device: {name!r} is not a device; use cpu, cuda, cuda:N or auto")
     dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"runtime.device={name!r} but no CUDA device is available; use runtime.device=cpu")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "no CUDA device is visible" if torch.backends.cuda.is_built() else \
+                f"this torch ({torch.__version__}) is built without CUDA"
+            raise ConfigError(f"runtime.device={name!r} but {why}; use runtime.device=cpu (or auto)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"runtime.device={name!r} but only {torch.cuda.device_count()} CUDA device(s) "
+                              f"are visible (cuda:0..cuda:{torch.cuda.device_count() - 1})")
     return dev
 
 
@@ -32,6 +42,13 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`t` (on the CPU) on `device`; to CUDA through pinned memory without waiting for the copy (no host sync)."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def autocast(device: torch.device, precision: str):

@@ -23,10 +23,11 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ..artifacts import ArtifactError, load_torch, load_weights, save_torch, save_weights, write_text
+from ..artifacts import ArtifactError, load_state, load_weights, read_log, save_state, save_weights, write_text
 from ..config import Stage1Config, hashable_dict
 from ..distributed import World, current
-from ..runtime import autocast
+from ..guards import DivergenceError, finite, kept_state
+from ..runtime import autocast, to_device
 from . import augment
 from .networks import build_network
 from .ssl import DistAlign, FreeMatchThreshold, consistency_loss, fairness_loss, fixmatch_mask, supervised_loss
@@ -183,7 +184,7 @@ def train_classifier(cfg: Stage1Config, *, x_lb: np.ndarray, y_lb: np.ndarray, x
     step, stats_lines, resumed, saved = 0, [], False, False
     state_path, stats_path = out_dir / STATE_FILE, out_dir / STATS_FILE
     if state_path.is_file():
-        state = load_torch(state_path, map_location=device)
+        state = load_state(state_path, map_location=device)
         if not isinstance(state, dict) or state.get("resume_key") != resume_key:
             raise ArtifactError(f"{state_path} was written with a different stage-1 config, data shape or "
                                 f"iteration count; delete it (or the run directory) to start over")
@@ -202,38 +203,45 @@ def train_classifier(cfg: Stage1Config, *, x_lb: np.ndarray, y_lb: np.ndarray, x
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise ArtifactError(f"{state_path} is not a usable stage-1 training state ({type(e).__name__}: "
                                 f"{str(e)[:200]}); delete it to start over") from None
-        if stats_path.is_file():  # drop lines logged after the saved state (they will be logged again)
-            stats_lines = [l for l in stats_path.read_text().splitlines() if l and json.loads(l)["step"] <= step]
+        stats_lines = read_log(stats_path, step, rewrite=world.is_main)  # drop lines logged after the saved state (logged again)
+    good = step if resumed else None                    # the step of the state on disk, None before the first
 
-    def save_state() -> None:
+    def checkpoint() -> None:
+        nonlocal good
+        if not world.all_true(finite(model, ema), device):     # a saved state always holds finite weights
+            bar.close()
+            raise DivergenceError(f"{out_dir.name}: non-finite weights after step {step} (the training diverged); "
+                                  f"{kept_state(state_path, good)}. Lower stage1.lr or use runtime.precision=fp32")
         rng = {"augment": gen.get_state()}
         if world.distributed:                           # every rank's augmentation stream (a collective call)
             rng["augment_ranks"] = [s.cpu() for s in world.gather(gen.get_state().cpu())]
         if world.is_main:
-            save_torch(state_path, {
+            save_state(state_path, {
                 "step": step, "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
                 "threshold": threshold.state_dict() if threshold is not None else {},
                 **({"dist_align": align.state_dict()} if align is not None else {}),
                 "rng": rng, "resume_key": resume_key})
+        good = step
 
     # ---- training loop
     end = total if stop_at is None else min(total, stop_at)
     bar = tqdm(total=total, initial=step, disable=not progress or not world.is_main, desc=desc or f"{Path(out_dir).name} {cfg.learner}", dynamic_ncols=True)
     t_start, t_log, window = time.time(), time.time(), []
+    check_each_step = device.type == "cpu"         # elsewhere a check is a host-device sync: once per log point
     while step < end:
         lr = cosine_lr(cfg.lr, step, total)
         for group in opt.param_groups:
             group["lr"] = lr
 
         # batch: labeled (+ pseudo) weak view; unlabeled weak and strong views; one concatenated forward
-        i_lb = sampler_lb.batch(step)[mine[mine < B - n_pseudo]].to(device)
+        i_lb = to_device(sampler_lb.batch(step)[mine[mine < B - n_pseudo]], device)
         x, y = _to_float(lb[i_lb]), y_lb_t[i_lb]
         if n_pseudo > 0:
-            i_ps = sampler_ps.batch(step)[mine[mine >= B - n_pseudo] - (B - n_pseudo)].to(device)
+            i_ps = to_device(sampler_ps.batch(step)[mine[mine >= B - n_pseudo] - (B - n_pseudo)], device)
             x, y = torch.cat([x, _to_float(ps[i_ps])]), torch.cat([y, y_ps[i_ps]])
         views = [augment.weak(x, gen, hflip)]                                   # (B, C, H, W)
         if ssl:
-            x_u = _to_float(ulb[sampler_ulb.batch(step)[part].to(device)])
+            x_u = _to_float(ulb[to_device(sampler_ulb.batch(step)[part], device)])
             views += [augment.weak(x_u, gen, hflip),                            # x_ulb_w (U, C, H, W)
                       augment.strong(x_u, gen, hflip, cfg.randaugment_ops, cfg.cutout)]  # x_ulb_s
         inputs = torch.cat(views).contiguous(memory_format=torch.channels_last)  # (b + 2u, C, H, W) per rank
@@ -264,11 +272,11 @@ def train_classifier(cfg: Stage1Config, *, x_lb: np.ndarray, y_lb: np.ndarray, x
             loss_u = consistency_loss(logits_s, logits_w, mask, cfg.hard_label, cfg.T)
             mask = mask.mean()
         loss = loss_x + cfg.lambda_u * loss_u + cfg.lambda_f * loss_f
-        if not world.all_true(torch.isfinite(loss), device):
+        if check_each_step and not world.all_true(torch.isfinite(loss), device):
             bar.close()
-            raise FloatingPointError(
-                f"non-finite training loss at step {step} (loss_x={loss_x.item():.4g}, loss_u={loss_u.item():.4g},"
-                f" loss_f={loss_f.item():.4g}); the last good state in {state_path} was kept. Lower stage1.lr "
+            raise DivergenceError(
+                f"{out_dir.name}: non-finite training loss at step {step} (loss_x={loss_x.item():.4g}, loss_u={loss_u.item():.4g},"
+                f" loss_f={loss_f.item():.4g}); {kept_state(state_path, good)}. Lower stage1.lr "
                 f"or use runtime.precision=fp32")
 
         # update
@@ -280,6 +288,12 @@ def train_classifier(cfg: Stage1Config, *, x_lb: np.ndarray, y_lb: np.ndarray, x
         step += 1
         bar.update(1)
         window.append(torch.stack([loss_x.detach(), loss_u.detach(), loss_f.detach(), mask]))
+        if not check_each_step and (step % cfg.log_every == 0 or step % cfg.checkpoint_every == 0 or step == end):
+            if not world.all_true(torch.isfinite(torch.stack(window)).all(), device):
+                bar.close()
+                raise DivergenceError(f"{out_dir.name}: non-finite training loss between step {step - len(window)} "
+                                      f"and {step}; {kept_state(state_path, good)}. Lower stage1.lr or use "
+                                      f"runtime.precision=fp32")
 
         # log, checkpoint
         if step % cfg.log_every == 0 or step == end:
@@ -296,11 +310,11 @@ def train_classifier(cfg: Stage1Config, *, x_lb: np.ndarray, y_lb: np.ndarray, x
                             sps=f"{len(window) / max(now - t_log, 1e-9):.1f}")
             t_log, window = now, []
         if step % cfg.checkpoint_every == 0 or step == end:
-            save_state()
+            checkpoint()
             saved = True
     bar.close()
     if not (saved or resumed):
-        save_state()
+        checkpoint()
     return ema.eval()
 
 

@@ -207,10 +207,27 @@ def unet_base(img_channels: int, image_size: int, num_classes: int) -> UNet:
                 attn_levels=(-1,), dropout=0.1)
 
 
+def unet_ddpmpp(img_channels: int, image_size: int, num_classes: int) -> UNet:
+    """EDM's class-conditional CIFAR-10 network (DDPM++, Karras et al. 2022, Appendix F.2) as far as this UNet goes.
+
+    The same width, depth and attention: model_channels 128, channel_mult (2, 2, 2) (256 channels at 32/16/8 px),
+    4 residual blocks per level, self-attention at 16x16 (one head, as DDPM++) and in the middle, dropout 0.13,
+    embedding width 512. It differs from EDM's SongUNet in the details of this UNet: strided-conv down- and
+    nearest+conv upsampling instead of resampling residual blocks, scale-and-shift (not shift-only) embedding
+    modulation, a stem to 256 (not 128) channels, attention after every block of the 16x16 level on the way up
+    (EDM: the last one), a learned class embedding instead of a linear map of one-hot labels, no augmentation
+    labels. 58,027,523 parameters for 3x32x32 images and 10 classes (counted by
+    tests/test_device_check.py; EDM's network has about 56M).
+    """
+    return UNet(img_channels, image_size, num_classes, model_channels=128, channel_mult=(2, 2, 2), num_blocks=4,
+                attn_levels=(1,), head_dim=256, dropout=0.13)
+
+
 NETWORKS: dict[str, Callable[[int, int, int], UNet]] = {
     "unet_tiny": unet_tiny,
     "unet_small": unet_small,
     "unet_base": unet_base,
+    "unet_ddpmpp": unet_ddpmpp,
 }
 
 from .transformer import TRANSFORMERS  # noqa: E402  (the DiT sizes, same constructor signature)

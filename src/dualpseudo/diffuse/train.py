@@ -18,10 +18,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..artifacts import ArtifactError, load_torch, load_weights, save_torch, save_weights, write_text
+from ..artifacts import ArtifactError, load_state, load_weights, save_state, save_weights, write_text
 from ..config import Stage2Config, config_hash
 from ..distributed import World, current
-from ..runtime import autocast
+from ..guards import DivergenceError, finite, kept_state
+from ..runtime import autocast, to_device
 from .edm import EDMLoss, EDMPrecond
 from .networks import NETWORKS
 
@@ -53,25 +54,29 @@ def _batch(images: torch.Tensor, labels: torch.Tensor, batch_size: int, hflip: b
     idx = torch.randint(len(images), (batch_size,), generator=gen)
     flip = torch.rand(batch_size, generator=gen) < 0.5 if hflip else None
     idx = idx[part]
-    x = images[idx].to(device).permute(0, 3, 1, 2).float()                             # (b, C, H, W)
+    x = to_device(images[idx], device).permute(0, 3, 1, 2).float()                     # (b, C, H, W)
     if images.dtype == torch.uint8:
         x = x / 127.5 - 1
     if flip is not None:
-        flip = flip[part].to(device)
+        flip = to_device(flip[part], device)
         x = torch.where(flip[:, None, None, None], x.flip(3), x)
-    return x.contiguous(memory_format=torch.channels_last), labels[idx].to(device)
+    return x.contiguous(memory_format=torch.channels_last), to_device(labels[idx], device)
 
 
 def train_diffusion(cfg: Stage2Config, *, images: np.ndarray, labels: np.ndarray, num_classes: int,
                     out_dir: str | Path, device: torch.device | str = "cpu", precision: str = "fp32",
                     seed: int = 0, hflip: bool = False, progress: bool = True,
-                    world: World | None = None) -> EDMPrecond:
+                    world: World | None = None, compile: bool = False) -> EDMPrecond:
     """Train (or resume, or just load when finished) and return the EMA EDMPrecond in eval mode.
 
     images: uint8 (N, H, W, C), or float32 latents (N, H, W, C) already scaled for the model; labels: int64 (N,)
     in [0, num_classes], num_classes = null (unconditional).
     With several processes (`world`, default: the initialised process group) each trains on its share of every
     global batch with its own noise stream, DDP averages the gradients, and rank 0 alone writes files.
+    `compile`: the training forward runs through `torch.compile` (runtime.compile).
+
+    On CPU the loss is checked at every step; on an accelerator, where reading a value waits for the device, the
+    losses are summed on the device and checked at each log point and checkpoint.
     """
     world = current() if world is None else world
     out_dir, device = Path(out_dir), torch.device(device)
@@ -88,9 +93,11 @@ def train_diffusion(cfg: Stage2Config, *, images: np.ndarray, labels: np.ndarray
     # model, EMA, optimizer, loss, data, RNG
     torch.manual_seed(seed)
     net = build_model(cfg.network, C, S, num_classes, cfg.sigma_data).to(device).train()
+    if progress and world.is_main:
+        print(f"stage2 network {cfg.network}: {sum(p.numel() for p in net.parameters()):,} parameters", flush=True)
     ema = build_model(cfg.network, C, S, num_classes, cfg.sigma_data).to(device).eval().requires_grad_(False)
     ema.load_state_dict(net.state_dict())
-    forward = world.wrap(net, device)                                                   # DDP when several processes
+    forward = world.wrap(torch.compile(net) if compile else net, device)               # DDP when several processes
     forward.num_classes = net.num_classes
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
     loss_fn = EDMLoss(cfg.P_mean, cfg.P_std, cfg.sigma_data, cfg.p_uncond)
@@ -105,7 +112,7 @@ def train_diffusion(cfg: Stage2Config, *, images: np.ndarray, labels: np.ndarray
     # resume
     state_path = out_dir / "state.pt"
     if state_path.is_file():
-        state = load_torch(state_path, map_location=device)
+        state = load_state(state_path, map_location=device)
         if not isinstance(state, dict) or state.get("train_hash") != train_hash:
             raise ArtifactError(f"{state_path} was written by a different stage-2 config or dataset; "
                                 f"delete {out_dir} to train from scratch")
@@ -124,13 +131,21 @@ def train_diffusion(cfg: Stage2Config, *, images: np.ndarray, labels: np.ndarray
             raise ArtifactError(f"{state_path} is not a usable stage-2 training state ({type(e).__name__}: "
                                 f"{str(e)[:200]}); delete it to train from scratch") from None
 
-    def save_state() -> None:
+    good = nimg / 1000 if state_path.is_file() else None      # kimg of the state on disk, None before the first
+
+    def checkpoint() -> None:
+        nonlocal good
+        if not world.all_true(finite(net, ema), device):       # a saved state always holds finite weights
+            raise DivergenceError(f"stage 2: non-finite weights at {nimg / 1000:.3f} kimg (the training diverged); "
+                                  f"{kept_state(state_path, good, 'kimg')}. Lower stage2.lr or use "
+                                  f"runtime.precision=fp32")
         extra = {}
         if world.distributed:                           # every rank's noise stream (a collective call)
             extra["noise_gen_states"] = [s.cpu() for s in world.gather(noise_gen.get_state().cpu())]
+        good = nimg / 1000
         if not world.is_main:
             return
-        save_torch(state_path, {"net": net.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+        save_state(state_path, {"net": net.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
                                 "nimg": nimg, "gen_state": gen.get_state(), "noise_gen_state": noise_gen.get_state(),
                                 "torch_rng_state": torch.get_rng_state(), "train_hash": train_hash,
                                 "stats": [json.dumps(s) for s in stats], **extra})
@@ -143,7 +158,9 @@ def train_diffusion(cfg: Stage2Config, *, images: np.ndarray, labels: np.ndarray
     if progress and nimg < total and world.is_main:
         from tqdm.auto import tqdm
         bar = tqdm(total=total, initial=nimg, unit="img", unit_scale=True, desc="stage2 diffusion", smoothing=0.05)
-    t_log, n_log, loss_sum, loss_n = time.perf_counter(), nimg, 0.0, 0
+    check_each_step = device.type == "cpu"         # elsewhere a check is a host-device sync: once per log point
+    zero = torch.zeros((), dtype=torch.float64, device=device)
+    t_log, n_log, loss_sum, loss_n, checked = time.perf_counter(), nimg, zero, 0, nimg
 
     while nimg < total:
         # one optimisation step
@@ -152,9 +169,10 @@ def train_diffusion(cfg: Stage2Config, *, images: np.ndarray, labels: np.ndarray
             g["lr"] = cfg.lr * min(nimg / max(cfg.warmup_kimg * 1000, 1e-8), 1.0)
         with autocast(device, precision):
             loss = loss_fn(forward, x, y, generator=noise_gen).mean()
-        if not world.all_true(torch.isfinite(loss), device):
-            raise FloatingPointError(f"stage 2: non-finite loss {loss.item()} at {nimg / 1000:.1f} kimg; the last "
-                                     f"good state is {state_path}. Lower stage2.lr or use runtime.precision=fp32")
+        if check_each_step and not world.all_true(torch.isfinite(loss), device):
+            raise DivergenceError(f"stage 2: non-finite loss {loss.item()} at {nimg / 1000:.3f} kimg; "
+                                  f"{kept_state(state_path, good, 'kimg')}. Lower stage2.lr or use "
+                                  f"runtime.precision=fp32")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
@@ -168,22 +186,27 @@ def train_diffusion(cfg: Stage2Config, *, images: np.ndarray, labels: np.ndarray
             torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - ema_beta)
             for b_ema, b in zip(ema.buffers(), net.buffers()):
                 b_ema.copy_(b)
-        loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
+        loss_sum, loss_n = loss_sum + loss.detach().double(), loss_n + 1      # float64: as summing loss.item()
         if bar is not None:
             bar.update(cfg.batch_size)
-            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
 
         # log and checkpoint
+        if not check_each_step and (nimg >= next_log or nimg >= next_ckpt or nimg >= total):
+            if not world.all_true(torch.isfinite(loss_sum), device):
+                raise DivergenceError(f"stage 2: non-finite loss between {checked / 1000:.3f} and {nimg / 1000:.3f} "
+                                      f"kimg; {kept_state(state_path, good, 'kimg')}. Lower stage2.lr or use "
+                                      f"runtime.precision=fp32")
+            checked = nimg
         if nimg >= next_log or nimg >= total:
             dt = time.perf_counter() - t_log
-            stats.append({"kimg": nimg / 1000, "loss": loss_sum / loss_n, "lr": opt.param_groups[0]["lr"],
+            stats.append({"kimg": nimg / 1000, "loss": loss_sum.item() / loss_n, "lr": opt.param_groups[0]["lr"],
                           "img_per_s": (nimg - n_log) / max(dt, 1e-9), "time": time.time()})
-            t_log, n_log, loss_sum, loss_n = time.perf_counter(), nimg, 0.0, 0
+            t_log, n_log, loss_sum, loss_n = time.perf_counter(), nimg, zero, 0
             next_log += int(cfg.log_every_kimg * 1000)
             if bar is not None:
                 bar.set_postfix(loss=f"{stats[-1]['loss']:.4f}", img_s=f"{stats[-1]['img_per_s']:.0f}")
         if nimg >= next_ckpt or nimg >= total:
-            save_state()
+            checkpoint()
             next_ckpt += int(cfg.checkpoint_every_kimg * 1000)
     if bar is not None:
         bar.close()

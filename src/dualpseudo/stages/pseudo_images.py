@@ -80,7 +80,7 @@ def run_stage2(cfg: ExperimentConfig, ds: Dataset, pseudo_path: Path | None, out
     else:
         ema = train_diffusion(s2, images=data, labels=labels, num_classes=ds.num_classes, out_dir=out,
                               device=device, precision=cfg.runtime.precision, seed=cfg.runtime.seed,
-                              hflip=cfg.data.hflip, progress=progress)
+                              hflip=cfg.data.hflip, progress=progress, compile=cfg.runtime.compile)
         if world.is_main:
             save_diffusion(out / DIFFUSION, ema, meta)
 
