@@ -8,6 +8,8 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
+
 from .figures import bars_png, curves_png, heatmap_png, as_number
 
 
@@ -32,10 +34,10 @@ def write_report(run) -> Path:
     rounds = _rounds(run)
     cfg_text, cfg = _config(run)
     s1 = _json(run.stage1 / "metrics.json")
-    names = _class_names(_get(cfg, "data", "name"), _num_classes(run, rounds, s1))
+    names = _artifact_class_names(run) or _class_names(_get(cfg, "data", "name"), _num_classes(run, rounds, s1))
     blocks: list[Block] = [("h", 1, f"DPT run report: {run.root.name}")]
     blocks += _headline(run, rounds, cfg, s1)
-    blocks += _grid_section(run, rounds, _get(cfg, "stage2", "label_source") == "none")
+    blocks += _grid_section(run, rounds, _get(cfg, "stage2", "label_source") == "none", names)
     blocks += _curves_section(run, rounds)
     blocks += _per_class_section(run, rounds, s1, names)
     blocks += _config_section(run, cfg_text)
@@ -107,6 +109,73 @@ def _class_names(dataset: str | None, num_classes: int | None) -> list[str]:
     return [str(i) for i in range(num_classes or 0)]
 
 
+def _artifact_class_names(run) -> list[str] | None:
+    """The class names a model file carries in its safetensors header (read without loading the tensors)."""
+    for path in (run.stage1 / "classifier.safetensors", run.stage("stage2") / "diffusion.safetensors"):
+        try:
+            with open(path, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(n)) if 0 < n < 1 << 24 else {}
+        except (OSError, ValueError):
+            continue
+        for text in (header.get("__metadata__") or {}).values():
+            try:
+                names = json.loads(text).get("class_names")
+            except (ValueError, AttributeError):
+                continue
+            if isinstance(names, list) and names:
+                return [str(x) for x in names]
+    return None
+
+
+def _labeled_images(run) -> dict[int, np.ndarray] | None:
+    """Each class's labeled real images (stage1/split.json read from the run's dataset), or None when the
+    dataset cannot be read here or is not the one the run used."""
+    from .config import ConfigError, load_config
+    from .data.datasets import DataError, load_dataset
+
+    split = _json(run.stage1 / "split.json")
+    per_class = split.get("per_class")
+    if not isinstance(per_class, dict):
+        return None
+    try:
+        cfg = load_config(run.config)
+        ds = load_dataset(cfg.data, cfg.evaluation.cache_dir)
+        if ds.fingerprint != split.get("dataset_fingerprint"):
+            return None
+        return {int(c): ds.train_images[np.asarray(ix, dtype=np.int64)] for c, ix in per_class.items()}
+    except (ConfigError, DataError, OSError, ValueError, IndexError):
+        return None
+
+
+def _real_beside_generated(run, names: list[str], per_row: int = 10, real_per_row: int = 4) -> bytes | None:
+    """A PNG: one row per class, its labeled real images, a gap, then its first generated pseudo-images."""
+    import io
+
+    from .artifacts import ArtifactError, load_npz
+    from .figures import grid_image
+
+    try:
+        gen = load_npz(run.stage("stage2") / "pseudo_images.npz", ("images", "labels"))
+    except ArtifactError:
+        return None
+    real = _labeled_images(run)
+    if real is None:
+        return None
+    images, labels = gen["images"], gen["labels"]
+    h, w, c = images.shape[1:]
+    blank = np.full((h, w, c), 255, np.uint8)
+    tiles = []
+    for k in range(len(names)):
+        r = list(real.get(k, np.zeros((0, h, w, c), np.uint8))[:real_per_row])
+        g = list(images[labels == k][:per_row])
+        tiles += r + [blank] * (real_per_row - len(r) + 1) + g + [blank] * (per_row - len(g))
+    img = grid_image(np.stack(tiles), rows=len(names), row_names=names, scale=3)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def _stats(path: Path) -> list[dict]:
     """Rows of a stats.jsonl; unreadable lines (e.g. a half-written last line) are skipped."""
     try:
@@ -160,6 +229,15 @@ def _fid(ev: dict) -> str:
 
 
 # --------------------------------------------------------------------------------------------------- sections
+NO_TEST = "not available: no test set (data.test_root)"
+
+
+def _unavailable(m: dict, section: str) -> str | None:
+    """'not available: <reason>' when a metric section says it could not be measured, else None."""
+    why = _get(m, section, "not_available")
+    return f"not available: {why}" if isinstance(why, str) else None
+
+
 def _headline(run, rounds: list[int], cfg: dict, s1: dict) -> list[Block]:
     split = _json(run.stage1 / "split.json")
     info = [["dataset", str(_get(cfg, "data", "name", default=NA))],
@@ -179,16 +257,20 @@ def _headline(run, rounds: list[int], cfg: dict, s1: dict) -> list[Block]:
            "evaluation": {r: _json(run.stage("evaluation", r) / "metrics.json") for r in rounds}}
     pr = lambda m, k: _f(_get(m, "precision_recall", k))  # noqa: E731
     metrics = [
-        ("stage-1 test top-1", "stage1", lambda m: _pct(_get(m, "test", "top1"))),
-        ("stage-3 test top-1", "stage3", lambda m: _pct(_get(m, "test", "top1"))),
+        ("stage-1 test top-1", "stage1", lambda m: _pct(_get(m, "test", "top1")) if "test" in m else NO_TEST),
+        ("stage-3 test top-1", "stage3", lambda m: _pct(_get(m, "test", "top1")) if "test" in m else NO_TEST),
         ("change vs stage 1", "stage3", lambda m: _pp(m.get("delta_top1"))),
         ("pseudo-label accuracy, stage 1 (unlabeled pool)", "stage1",
-         lambda m: _pct(_get(m, "pseudo_labels", "accuracy"))),
+         lambda m: _unavailable(m, "pseudo_labels") or _pct(_get(m, "pseudo_labels", "accuracy"))),
         ("pseudo-label accuracy, stage 3 (unlabeled pool)", "stage3",
-         lambda m: _pct(_get(m, "pseudo_labels", "accuracy"))),
+         lambda m: _unavailable(m, "pseudo_labels") or _pct(_get(m, "pseudo_labels", "accuracy"))),
         ("pseudo-images used in stage 3", "stage3", lambda m: str(m.get("num_pseudo_images", NA))),
         ("FID", "evaluation", _fid),
-        ("class consistency (oracle)", "evaluation", lambda m: _pct(_get(m, "class_consistency", "accuracy"))),
+        ("class consistency (oracle)", "evaluation", lambda m: _get(m, "not_available", "class_consistency",
+                                                                    default=None) and "not available: " +
+         m["not_available"]["class_consistency"] or _pct(_get(m, "class_consistency", "accuracy"))),
+        ("pseudo-images in their class by stage 3's classifier (no oracle; it trained on them)", "evaluation",
+         lambda m: _pct(_get(m, "judged_by_stage3", "accuracy")) if "judged_by_stage3" in m else NA),
         ("precision / recall", "evaluation", lambda m: f"{pr(m, 'precision')} / {pr(m, 'recall')}"),
         ("density / coverage", "evaluation", lambda m: f"{pr(m, 'density')} / {pr(m, 'coverage')}"),
         ("domain Fréchet distance (oracle features)", "evaluation", lambda m: _f(m.get("domain_fd"), 2)),
@@ -213,8 +295,13 @@ def _headline(run, rounds: list[int], cfg: dict, s1: dict) -> list[Block]:
     return out
 
 
-def _grid_section(run, rounds: list[int], unconditional: bool = False) -> list[Block]:
+def _grid_section(run, rounds: list[int], unconditional: bool = False,
+                  names: list[str] | None = None) -> list[Block]:
     out: list[Block] = [("h", 2, "Pseudo-images")]
+    side = None if unconditional or not names else _real_beside_generated(run, names)
+    if side is not None:
+        out.append(("img", "real_beside_generated.png", side,
+                    "Each row one class: its labeled real images, then pseudo-images generated for it"))
     what = "Unconditional samples (rows are not classes)" if unconditional else "Samples, one row per class"
     for r in rounds:
         path = run.stage("stage2", r) / "grid.png"

@@ -102,7 +102,18 @@ def run_evaluation(cfg: ExperimentConfig, ds: Dataset, pseudo_images: Path, out:
                                 desc=desc)
 
     metrics.update(oracle=None, class_consistency=None, domain_fd=None, precision_recall=None)
-    if ev.oracle_network != NO_ORACLE:
+    if not ds.train_labels_known:             # an oracle needs every training image's true class
+        metrics["not_available"] = {k: "no oracle: the training images' true classes are unknown (data.name=pool)"
+                                    for k in ("class_consistency", "domain_fd")}
+        stage3 = out.parent / "stage3" / "classifier.safetensors"
+        if stage3.is_file() and not unconditional:
+            from ..api import load_classifier
+            judge = load_classifier(out.parent, stage=3, device=device)
+            metrics["judged_by_stage3"] = {
+                "judge": "stage 3's classifier, which trained on these pseudo-images (an optimistic judge, "
+                         "not an oracle)",
+                **class_consistency(judge.predict_proba, images, labels, ds.num_classes, batch_size=ev.batch_size)}
+    if ev.oracle_network != NO_ORACLE and ds.train_labels_known:
         oracle, meta = get_oracle(cfg, ds, cache, device, progress)
         metrics["oracle"] = {"network": meta.get("network"), "test_top1": meta.get("test_top1"),
                              "trained_on": "all training labels (evaluation only)"}

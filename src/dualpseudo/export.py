@@ -1,0 +1,146 @@
+"""`dualpseudo export`: a finished run's classifier and generator as a self-contained folder.
+
+The folder keeps the run directory's layout for the files it holds, so `dualpseudo.load_classifier(folder)` and
+`dualpseudo.load_generator(folder)` read it as they read the run:
+
+    config.yaml                      the run's resolved config (sampler defaults, provenance)
+    stage3/classifier.safetensors    the final classifier (stage 1's when the run has no stage 3)
+    encoder/encoder.safetensors      the self-supervised encoder, when the classifier works on its features
+    stage2/diffusion.safetensors     the class-conditional diffusion model (EMA weights, config in the header)
+    class_names.json, metrics.json   the class names; the measured metrics of every stage
+    MODEL_CARD.md                    data, labels per class, metrics, how it was trained, how to load each model
+    classifier.torchscript.pt        with --torchscript, for network classifiers: uint8 -> probabilities
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .artifacts import ArtifactError, atomic_write, write_json, write_text
+from .config import load_config
+
+
+def _copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(dst, lambda f: f.write(src.read_bytes()))
+
+
+def _pct(x) -> str:
+    return f"{100 * x:.2f} %" if isinstance(x, (int, float)) and not isinstance(x, bool) else "not measured"
+
+
+def export_run(run_dir: str | Path, out: str | Path, torchscript: bool = False) -> Path:
+    """Write the export folder `out` (created; an existing non-empty folder is refused) from `run_dir`."""
+    from .api import CLASSIFIER, ENCODER, GENERATOR, load_classifier, metrics
+
+    root, out = Path(run_dir), Path(out)
+    if not (root / "config.yaml").is_file():
+        raise ArtifactError(f"{root} is not a run directory (no config.yaml)")
+    if out.exists() and any(out.iterdir()):
+        raise ArtifactError(f"{out} exists and is not empty; choose a new folder for the export")
+    stage = 3 if (root / "stage3" / CLASSIFIER).is_file() else 1
+    if not (root / f"stage{stage}" / CLASSIFIER).is_file():
+        raise ArtifactError(f"{root} has no trained classifier yet; finish `dualpseudo run` first")
+    gen = root / "stage2" / GENERATOR
+    if not gen.is_file():
+        raise ArtifactError(f"{gen} does not exist; finish stage 2 (`dualpseudo run`) first")
+    clf = load_classifier(root, stage)                  # refuses files it could not load again
+    cfg = load_config(root / "config.yaml")
+    out.mkdir(parents=True, exist_ok=True)
+    _copy(root / "config.yaml", out / "config.yaml")
+    _copy(root / f"stage{stage}" / CLASSIFIER, out / f"stage{stage}" / CLASSIFIER)
+    if clf.meta.get("encoder") == "ssl":
+        _copy(root / ENCODER, out / ENCODER)
+    elif clf.meta.get("encoder") == "torchscript":
+        raise ArtifactError(f"the classifier reads features of the TorchScript encoder "
+                            f"{clf.meta.get('encoder_path')}, which the export cannot carry; share that file "
+                            f"beside the run directory instead")
+    _copy(gen, out / "stage2" / GENERATOR)
+    from .diffuse.latent import AUTOENCODER
+    if (root / "stage2" / AUTOENCODER).is_file():
+        _copy(root / "stage2" / AUTOENCODER, out / "stage2" / AUTOENCODER)
+    m = metrics(root)
+    write_json(out / "class_names.json", list(clf.class_names))
+    write_json(out / "metrics.json", m)
+    if torchscript:
+        _torchscript(root, stage, clf, out / "classifier.torchscript.pt")
+    write_text(out / "MODEL_CARD.md", model_card(cfg, clf, m, stage, torchscript))
+    return out
+
+
+def _torchscript(root: Path, stage: int, clf, path: Path) -> None:
+    import torch
+
+    from .classify.train import load_classifier as load_network
+
+    if clf.kind in ("linear-probe", "label-propagation"):
+        raise ArtifactError(f"--torchscript: the {clf.kind} classifier is not a single network; export without "
+                            f"--torchscript and load it with dualpseudo.load_classifier")
+    model, _ = load_network(root / f"stage{stage}" / "classifier.safetensors")
+
+    class Wrapped(torch.nn.Module):
+        """uint8 (N, H, W, C) -> class probabilities (N, num_classes), float32."""
+
+        def __init__(self, net: torch.nn.Module):
+            super().__init__()
+            self.net = net
+
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            x = images.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+            return torch.softmax(self.net(x).float(), dim=-1)
+
+    example = torch.zeros(2, clf.image_size, clf.image_size, clf.in_channels, dtype=torch.uint8)
+    traced = torch.jit.trace(Wrapped(model.float().eval().requires_grad_(False)), example)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda f: torch.jit.save(traced, f))
+
+
+def model_card(cfg, clf, m: dict, stage: int, torchscript: bool) -> str:
+    s1, s3, ev = m.get("stage1", {}), m.get(f"stage{stage}", {}), m.get("evaluation", {})
+    d = cfg.data
+    labels = (f"the labeled indices in {d.labeled_indices}" if d.labeled_indices
+              else f"{d.labels_per_class} per class (split seed {d.split_seed})")
+    fid = (ev.get("fid") or {}).get("fid")
+    cons = (ev.get("class_consistency") or {}).get("accuracy")
+    pl = (s1.get("pseudo_labels") or {}).get("accuracy")
+    lines = [
+        "# Model card",
+        "",
+        "A classifier and a class-conditional image generator trained together by Dual Pseudo Training "
+        "(You et al., NeurIPS 2023) with dualpseudo.",
+        "",
+        "## Data",
+        f"- dataset: `{d.name}` ({d.root}); {len(clf.class_names)} classes: {', '.join(clf.class_names)}",
+        f"- labeled images: {labels}; every other training image was used without its label",
+        f"- images: {clf.image_size}x{clf.image_size}, {clf.in_channels} channel(s)",
+        "",
+        "## How it was trained",
+        f"- stage 1 (pseudo-labels): `{cfg.stage1.learner}`"
+        + (f" on a self-supervised `{cfg.encoder.network}` encoder" if clf.meta.get("encoder") == "ssl" else ""),
+        f"- stage 2 (pseudo-images): `{cfg.stage2.network}` EDM diffusion with classifier-free guidance, "
+        f"{cfg.stage2.duration_kimg} kimg, {cfg.stage2.images_per_class} images per class",
+        f"- stage 3 (final classifier): `{cfg.stage3.mode}` on real data plus the pseudo-images" if stage == 3
+        else "- no stage 3: the classifier is stage 1's",
+        "",
+        "## Measured (test split; never used to choose a model)",
+        f"- stage-1 test top-1: {_pct((s1.get('test') or {}).get('top1'))}; pseudo-label accuracy on the "
+        f"unlabeled pool: {_pct(pl)}",
+        f"- final classifier test top-1: {_pct((s3.get('test') or {}).get('top1'))}",
+        f"- generator: FID {fid:.2f}" if isinstance(fid, (int, float)) else "- generator: FID not measured",
+        f"- class consistency of the pseudo-images (an oracle classifier agrees with the conditioning class): "
+        f"{_pct(cons)}",
+        "",
+        "## Use",
+        "```python",
+        "import dualpseudo",
+        "clf = dualpseudo.load_classifier(\"THIS_FOLDER\")",
+        "labels = clf.predict([\"image.png\", \"folder/\"])         # or uint8 (N, H, W, C) arrays; predict_proba too",
+        "gen = dualpseudo.load_generator(\"THIS_FOLDER\")",
+        f"images = gen.sample({clf.class_names[0]!r}, 8, seed=0)     # uint8 (8, H, W, C), reproducible",
+        "```",
+        "From the shell: `dualpseudo predict --run-dir THIS_FOLDER IMAGES... --out predictions.csv` and "
+        "`dualpseudo sample --run-dir THIS_FOLDER --class NAME --num 8 --out-dir samples/`.",
+    ]
+    if torchscript:
+        lines += ["", "`classifier.torchscript.pt` needs only torch: "
+                  "`torch.jit.load(path)(uint8 images (N, H, W, C))` gives class probabilities."]
+    return "\n".join(lines) + "\n"
