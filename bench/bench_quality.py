@@ -5,12 +5,14 @@
         --set stage1.iterations=8000 --tag long
     python bench/bench_quality.py e2e --labels-list 1 2 4 10 --seeds 0
     python bench/bench_quality.py dpt --seeds 0 1 2 --labels 4      # DPT against its baselines, same splits
+    python bench/bench_quality.py stage3 --seeds 3 4 --labels 4 --tag lp --weights 1 0.2 --filters none agree
 
 `dpt` runs the config end to end per seed, then stage 3 again in copies of each run directory (stage 1 and 2
 reused) for the baselines and variants: `real` (K real images per class with stage 1's most confident labels
-instead of generated ones: plain self-training), `agree` (only the pseudo-images an independent judge puts in
-their class), `probe` (stage 3 a logistic regression on labeled + pseudo-images, the paper's ImageNet stage 3),
-and, with --extra for the network learners, stage 1 trained for stage 1 + stage 3's iterations (`extra`).
+instead of generated ones, with the config's stage-3 settings: plain self-training), `unweighted` (every
+pseudo-image a full-weight labeled node, no judge), `probe` (stage 3 a logistic regression on labeled +
+pseudo-images, the paper's ImageNet stage 3), and, with --extra for the network learners, stage 1 trained for
+stage 1 + stage 3's iterations (`extra`). `stage3` runs a grid of stage-3 settings on the same run directories.
 
 Each (setting, seed) is its own run directory under --root; finished runs are reused, interrupted ones resume,
 so the command can be stopped and restarted. Stage 1 of the config's own learner runs in the end-to-end run
@@ -104,8 +106,9 @@ def e2e(args) -> None:
         print("| " + " | ".join(str(x) for x in r) + " |")
 
 
-VARIANTS = {"real": ["stage3.pseudo_source=real"], "agree": ["stage3.filter=agree"],
-            "probe": ["stage3.mode=linear-probe"]}
+VARIANTS = {"real": ["stage3.pseudo_source=real"],
+            "unweighted": ["stage3.pseudo_weight=1", "stage3.filter=none"],
+            "probe": ["stage3.mode=linear-probe", "stage3.pseudo_weight=1"]}
 
 
 def _copy_upstream(src: Path, dst: Path) -> None:
@@ -155,7 +158,8 @@ def dpt(args) -> None:
             row["extra"] = read(v / "stage1" / "metrics.json")["test"]["top1"]
         rows.append(row)
     cols = [("stage1", "stage 1"), ("stage3", "stage 3 (DPT)"), ("delta", "change"),
-            ("real", "stage 3, real pseudo-labeled images"), ("agree", "stage 3, judged pseudo-images"),
+            ("real", "stage 3, real pseudo-labeled images"),
+            ("unweighted", "stage 3, every pseudo-image at full weight"),
             ("probe", "stage 3, linear probe on labeled + pseudo-images"),
             ("extra", "stage 1, stage 3's extra iterations"), ("pool1", "pool acc. stage 1"),
             ("worst1", "worst class stage 1"), ("worst3", "worst class stage 3"),
@@ -171,9 +175,40 @@ def dpt(args) -> None:
     print("| mean ± std | " + " | ".join(mean_std([r.get(k) for r in rows]) for k, _ in cols) + " | |")
 
 
+def stage3_grid(args) -> None:
+    """Stage 3 over a grid of `stage3.pseudo_weight` x `stage3.filter` on each seed's end-to-end run directory
+    (stages 1-2 trained there first if needed, then reused by copies), with the pool and test accuracy."""
+    rows = {}
+    for seed in args.seeds:
+        common = ["--set", f"data.labels_per_class={args.labels}", "--set", f"data.split_seed={seed}",
+                  "--set", f"runtime.seed={seed}", *args.set]
+        d = Path(args.root) / f"e2e-l{args.labels}-s{seed}{args.tag}"
+        run([sys.executable, "-m", "dualpseudo", "stage2", args.config, "--run-dir", str(d), "--force", *common])
+        s1 = read(d / "stage1" / "metrics.json")
+        rows.setdefault(("stage 1",), []).append((s1["pseudo_labels"]["accuracy"], s1["test"]["top1"]))
+        for src in args.sources:
+            for w in args.weights:
+                for f in args.filters:
+                    v = Path(f"{d}-w{w:g}-{f}" + ("-real" if src == "real" else ""))
+                    _copy_upstream(d, v)
+                    run([sys.executable, "-m", "dualpseudo", "stage3", args.config, "--run-dir", str(v), "--force",
+                         *common, "--set", f"stage3.pseudo_weight={w}", "--set", f"stage3.filter={f}",
+                         "--set", f"stage3.pseudo_source={src}"])
+                    m = read(v / "stage3" / "metrics.json")
+                    rows.setdefault((src, f"{w:g}", f), []).append((m["pseudo_labels"]["accuracy"],
+                                                                   m["test"]["top1"]))
+    print(f"\n| pseudo-images | pseudo_weight | filter | pool acc. per seed {args.seeds} | pool acc. mean | "
+          f"test top-1 per seed | test top-1 |")
+    print("|---|---|---|---|---|---|---|")
+    for key, r in rows.items():
+        src, w, f = key if len(key) == 3 else ("none (stage 1)", "—", "—")
+        print(f"| {src} | {w} | {f} | " + " / ".join(_pct(p) for p, _ in r) + f" | {mean_std([p for p, _ in r])} | "
+              + " / ".join(_pct(t) for _, t in r) + f" | {mean_std([t for _, t in r])} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["stage1", "e2e", "dpt"])
+    p.add_argument("what", choices=["stage1", "e2e", "dpt", "stage3"])
     p.add_argument("--config", default=CONFIG)
     p.add_argument("--root", default="runs/bench")
     p.add_argument("--labels", type=int, default=4, help="labels per class (stage1)")
@@ -183,12 +218,16 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], help="passed to the CLI as --set")
     p.add_argument("--tag", default="", help="suffix of the run directories; required with --set")
     p.add_argument("--extra", action="store_true", help="dpt: also stage 1 with stage 3's extra iterations")
+    p.add_argument("--weights", type=float, nargs="+", default=[1.0], help="stage3: stage3.pseudo_weight values")
+    p.add_argument("--sources", nargs="+", default=["generated"], choices=["generated", "real"],
+                   help="stage3: stage3.pseudo_source values (real: the self-training baseline)")
+    p.add_argument("--filters", nargs="+", default=["none"], choices=["none", "agree"], help="stage3: filters")
     args = p.parse_args()
     if args.set and not args.tag:
         p.error("--set changes the runs: give them their own directories with --tag NAME")
     args.tag = f"-{args.tag}" if args.tag else ""
     args.set = [x for kv in args.set for x in ("--set", kv)]
-    {"stage1": stage1, "e2e": e2e, "dpt": dpt}[args.what](args)
+    {"stage1": stage1, "e2e": e2e, "dpt": dpt, "stage3": stage3_grid}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,37 @@ def test_poisson_on_a_path_matches_the_hand_solution():
     assert iters == 3000
 
 
+def test_poisson_source_strength_on_the_path_by_hand():
+    # The same path; node 0 (class 0) has strength 3, node 3 (class 1) strength 1. The weighted mean label is
+    # ybar = (3/4, 1/4), so the class-0 source is b = (3 (1 - 3/4), 0, 0, 1 (0 - 3/4)) = (3/4, 0, 0, -3/4): 3/2
+    # times the unit-strength one, and u scales with it. An unweighted ybar would leave b a net source (no
+    # fixed point). Unit strengths give exactly the default answer.
+    w = np.eye(4)
+    for i in range(3):
+        w[i, i + 1] = w[i + 1, i] = 1.0
+    W, lab, y = _dense_to_sparse(w), np.array([0, 3]), np.array([0, 1])
+    u, _ = graph.poisson(W, lab, y, 2, max_iter=3000, tol=0.0, strength=np.array([3.0, 1.0]))
+    expected = 1.5 * np.array([[0.75, -0.75], [0.25, -0.25], [-0.25, 0.25], [-0.75, 0.75]])
+    np.testing.assert_allclose(u.numpy(), expected, atol=1e-9)
+    default, _ = graph.poisson(W, lab, y, 2, max_iter=50)
+    ones, _ = graph.poisson(W, lab, y, 2, max_iter=50, strength=np.ones(2))
+    assert torch.equal(default, ones)
+
+
+def test_vanishing_strength_is_the_same_as_no_label():
+    # Labeled nodes of near-zero strength leave the answer of the same graph without those labels.
+    rng = np.random.default_rng(0)
+    W = graph.knn_graph(torch.as_tensor(rng.normal(size=(80, 3)), dtype=torch.float32), 6)
+    real, extra = np.array([0, 1, 2]), np.array([10, 11, 12, 13])
+    both, y = np.concatenate([real, extra]), np.array([0, 1, 2, 2, 2, 1, 0])
+    kw = dict(max_iter=300, tol=0.0)                      # the same number of steps for all three
+    without, _ = graph.poisson(W, real, y[:3], 3, **kw)
+    faint, _ = graph.poisson(W, both, y, 3, strength=np.r_[np.ones(3), np.full(4, 1e-9)], **kw)
+    full, _ = graph.poisson(W, both, y, 3, **kw)
+    np.testing.assert_allclose(faint.numpy(), without.numpy(), atol=1e-6)
+    assert not np.allclose(full.numpy(), without.numpy(), atol=1e-3)
+
+
 def test_poisson_stops_when_the_random_walk_has_mixed():
     w = np.ones((5, 5))                                      # complete graph with loops: mixes in one step
     u, iters = graph.poisson(_dense_to_sparse(w), np.array([0, 1]), np.array([0, 1]), 2, max_iter=100)

@@ -151,6 +151,25 @@ def test_stage3_filter_agree_records_what_it_kept(graph_run):
     assert m3["graph"]["num_labeled_nodes"] == 8 + f["kept"]
 
 
+def test_stage3_pseudo_weight_changes_the_scores_and_is_recorded(graph_run):
+    run, _ = graph_run
+    copy, m3 = _stage3_variant(graph_run, "weight", "stage3.pseudo_weight=0.02")
+    assert m3["graph"]["pseudo_weight"] == 0.02 and m3["graph"]["num_labeled_nodes"] == 8 + 32
+    assert read_json(run / "stage3/metrics.json")["graph"]["pseudo_weight"] == 1.0
+    from safetensors.torch import load_file
+    a, b = load_file(run / "stage3/classifier.safetensors"), load_file(copy / "stage3/classifier.safetensors")
+    assert a["features"].shape == (192 + 32, a["features"].shape[1])
+    assert np.array_equal(a["features"].numpy(), b["features"].numpy())     # the same graph ...
+    assert not np.allclose(a["scores"].numpy(), b["scores"].numpy())        # ... weighed differently
+
+
+def test_pseudo_weight_outside_label_propagation_is_an_error(tmp_path, capsys):
+    code = main(["run", SMOKE_GRAPH, "--run-dir", str(tmp_path / "r"), "--set", "stage3.mode=linear-probe",
+                 "--set", "stage3.pseudo_weight=0.5", "--set", f"evaluation.cache_dir={tmp_path / 'cache'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "stage3.pseudo_weight" in err[0]
+
+
 def test_linear_probe_on_the_encoder_features(graph_run):
     run, base = graph_run
     other = base / "probe"

@@ -78,11 +78,13 @@ def knn_graph(feats: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def poisson(W: torch.Tensor, labeled: np.ndarray, labels: np.ndarray, num_classes: int, max_iter: int = 2000,
-            tol: float | None = None) -> tuple[torch.Tensor, int]:
+            tol: float | None = None, strength: np.ndarray | None = None) -> tuple[torch.Tensor, int]:
     """Poisson learning on the sparse symmetric weights W (N, N): (u (N, C) float64, iterations run).
 
-    `labeled` (m,) node indices with `labels` (m,) in [0, C). The iteration stops when the random walk from the
-    labeled nodes is within `tol` (default 1/N) of its stationary distribution, or after `max_iter` steps."""
+    `labeled` (m,) node indices with `labels` (m,) in [0, C). `strength` (m,) > 0 scales each labeled node's
+    source (default 1): the sources are s_i (y_i - y_bar) with y_bar the strength-weighted mean label, so every
+    class's sources still sum to zero. The iteration stops when the random walk from the labeled nodes is within
+    `tol` (default 1/N) of its stationary distribution, or after `max_iter` steps."""
     n = W.shape[0]
     labeled = torch.as_tensor(np.asarray(labeled), dtype=torch.long)
     onehot = F.one_hot(torch.as_tensor(np.asarray(labels), dtype=torch.long), num_classes).double()  # (m, C)
@@ -91,8 +93,11 @@ def poisson(W: torch.Tensor, labeled: np.ndarray, labels: np.ndarray, num_classe
     deg = torch.sparse.mm(W, torch.ones(n, 1, dtype=torch.float64)).squeeze(1)       # (N,)
     if (deg <= 0).any():
         raise ValueError("label propagation: the k-NN graph has an isolated image (all weights zero)")
+    s = torch.ones(len(labeled), 1, dtype=torch.float64) if strength is None else \
+        torch.as_tensor(np.asarray(strength), dtype=torch.float64).reshape(-1, 1)     # (m, 1)
+    y_bar = (s * onehot).sum(0, keepdim=True) / s.sum()
     source = torch.zeros(n, num_classes, dtype=torch.float64)
-    source.index_add_(0, labeled, onehot - onehot.mean(0, keepdim=True))             # b: (N, C)
+    source.index_add_(0, labeled, s * (onehot - y_bar))                               # b: (N, C)
     inv_deg = (1.0 / deg)[:, None]
     u = torch.zeros_like(source)
     walk = torch.zeros(n, dtype=torch.float64)                                       # random walk from labeled
@@ -122,20 +127,22 @@ def balance_offsets(scores: torch.Tensor, target: torch.Tensor, iterations: int 
 
 
 def propagate(feats: np.ndarray | torch.Tensor, labeled: np.ndarray, labels: np.ndarray, num_classes: int, *,
-              k: int, max_iter: int, balanced: bool, score_of: np.ndarray | None = None) -> dict:
+              k: int, max_iter: int, balanced: bool, score_of: np.ndarray | None = None,
+              strength: np.ndarray | None = None) -> dict:
     """Label every node of the k-NN graph of `feats` (N, D) from the labeled nodes.
 
-    `balanced` gives each class the share it has among `labels`, over the nodes `score_of` (default: the
-    unlabeled ones). Returns {"scores": (N, C) float64 tensor,
-    "iterations": int, "offsets": (C,) tensor}.
+    `strength` (m,) weighs each labeled node's source (`poisson`). `balanced` gives each class the share it has
+    among `labels` (weighted by `strength`), over the nodes `score_of` (default: the unlabeled ones).
+    Returns {"scores": (N, C) float64 tensor, "iterations": int, "offsets": (C,) tensor}.
     """
     x = F.normalize(torch.as_tensor(np.asarray(feats), dtype=torch.float32), dim=1)
     W = knn_graph(x, k)
-    u, iters = poisson(W, labeled, labels, num_classes, max_iter)
+    u, iters = poisson(W, labeled, labels, num_classes, max_iter, strength=strength)
     u = u / (u.std() if float(u.std()) > 0 else 1.0)
     offsets = torch.zeros(num_classes, dtype=u.dtype)
     if balanced:
-        target = np.bincount(np.asarray(labels), minlength=num_classes) / len(labels)
+        w = np.ones(len(labels)) if strength is None else np.asarray(strength, dtype=np.float64)
+        target = np.bincount(np.asarray(labels), weights=w, minlength=num_classes) / w.sum()
         rows = np.setdiff1d(np.arange(len(x)), labeled) if score_of is None else score_of
         if len(rows):
             offsets = balance_offsets(u[torch.as_tensor(rows)], torch.as_tensor(target, dtype=u.dtype))

@@ -44,6 +44,9 @@ def check_feature_settings(cfg: ExperimentConfig, ds: Dataset) -> None:
                               f"of encoder.network={e.network!r}; set both to the same network")
         if e.batch_size > n:
             raise ConfigError(f"encoder.batch_size: {e.batch_size} is larger than the {n} training images")
+    if cfg.stage3.pseudo_weight != 1.0 and cfg.stage3.mode != "label-propagation":
+        raise ConfigError(f"stage3.pseudo_weight: only stage3.mode=label-propagation weighs the pseudo-images; "
+                          f"with stage3.mode={cfg.stage3.mode!r} leave it at 1")
     if "label-propagation" in (cfg.stage1.learner, cfg.stage3.mode) and cfg.graph.k >= n:
         raise ConfigError(f"graph.k: {cfg.graph.k} neighbours per image, but the graph has only {n} training "
                           f"images; choose graph.k < {n}")

@@ -26,6 +26,7 @@ from ..classify.linear import build_encoder, cached_features, fit_objective, fit
 from ..classify.train import predict, save_classifier, train_classifier
 from ..config import ExperimentConfig
 from ..distributed import current
+from ..guards import check_outputs
 from ..data.datasets import Dataset
 from .encoder import FEATURE_LEARNERS
 from ..evaluate.classification import confusion_matrix, per_class_accuracy, pseudo_label_report, top1
@@ -90,10 +91,14 @@ def fit_and_label(cfg: ExperimentConfig, ds: Dataset, labeled_idx: np.ndarray, o
 
 def _label_and_measure(ds: Dataset, labeled_idx: np.ndarray, out: Path, probs: np.ndarray,
                        test_probs: np.ndarray | None, model_note: str) -> dict:
-    """Write pseudo_labels.npz from train probabilities (N, C) and return the metrics (test ones if given)."""
+    """Write pseudo_labels.npz from train probabilities (N, C) and return the metrics (test ones if given).
+
+    Probabilities that are non-finite or put every unlabeled image in one class at confidence 1.0 (a diverged
+    training) raise `DivergenceError` instead: the stage is not marked done."""
     label, confidence = probs.argmax(1).astype(np.int64), probs.max(1).astype(np.float32)
     is_labeled = np.zeros(len(label), dtype=bool)
     is_labeled[labeled_idx] = True
+    check_outputs(probs, is_labeled, out.name, "Lower stage1.lr or use runtime.precision=fp32, then rerun")
     label[is_labeled], confidence[is_labeled] = ds.train_labels[is_labeled], 1.0
     save_npz(out / PSEUDO_LABELS, label=label, confidence=confidence, is_labeled=is_labeled)
 
@@ -183,23 +188,29 @@ def _fit_and_label_graph(cfg: ExperimentConfig, ds: Dataset, labeled_idx: np.nda
                          x_pseudo: np.ndarray | None, y_pseudo: np.ndarray | None) -> dict:
     """The label-propagation learner: Poisson learning on the k-NN graph of the training images' features.
 
-    Stage 3 adds the pseudo-images to the graph as labeled nodes. The class-size prior is the labeled images'
-    class distribution (real + pseudo), enforced over the unlabeled real images. Test images take the scores
-    of their nearest graph nodes. The saved "classifier" is the graph's scores with the encoder's identity.
+    Stage 3 adds the pseudo-images to the graph as labeled nodes whose sources weigh `stage3.pseudo_weight`
+    each (a real label weighs 1). The class-size prior is the labeled images' class distribution (real + pseudo,
+    weighted), enforced over the unlabeled real images. Test images take the scores
+    of their nearest graph nodes. The saved "classifier" is the graph's scores and node features with the
+    encoder's identity (`api.load_classifier` predicts new images from it).
     """
     g = cfg.graph
     f_train = features(ds.train_images, "train")                           # (N, D)
     nodes, labeled, labels = f_train, np.asarray(labeled_idx), ds.train_labels[labeled_idx]
+    strength = np.ones(len(labeled))
     if x_pseudo is not None and len(x_pseudo):
         f_ps = features(x_pseudo, "pseudo")
         nodes = np.concatenate([f_train, f_ps])
         labeled = np.concatenate([labeled, len(f_train) + np.arange(len(f_ps))])
         labels = np.concatenate([labels, np.asarray(y_pseudo, dtype=np.int64)])
+        strength = np.concatenate([strength, np.full(len(f_ps), cfg.stage3.pseudo_weight)])
     pool = np.setdiff1d(np.arange(len(f_train)), labeled_idx)
     result = graph.propagate(nodes, labeled, labels, ds.num_classes, k=g.k, max_iter=g.max_iter,
-                             balanced=g.balanced, score_of=pool)
+                             balanced=g.balanced, score_of=pool, strength=strength)
     scores = result["scores"]                                              # (N [+ P], C)
-    save_weights(out / CLASSIFIER, {"scores": scores.float().contiguous()}, {
+    tensors = {"scores": scores.float().contiguous(),                     # the nodes' features: for new images
+               "features": torch.as_tensor(np.ascontiguousarray(nodes, np.float32))}
+    save_weights(out / CLASSIFIER, tensors, {
         "network": "label-propagation", **features.meta, "k": g.k, "num_classes": ds.num_classes,
         "num_nodes": int(len(nodes)), "in_channels": ds.image_shape[2], "image_size": ds.image_shape[0],
         "class_names": list(ds.class_names)}, "dualpseudo_graph")
@@ -212,6 +223,7 @@ def _fit_and_label_graph(cfg: ExperimentConfig, ds: Dataset, labeled_idx: np.nda
     metrics["network"] = f"{features.meta['encoder']} features + Poisson learning (k={g.k})"
     metrics["graph"] = {**features.meta, "k": g.k, "balanced": g.balanced, "iterations": result["iterations"],
                         "num_nodes": int(len(nodes)), "num_labeled_nodes": int(len(labeled)),
+                        "pseudo_weight": cfg.stage3.pseudo_weight if len(labeled) > len(labeled_idx) else None,
                         "class_offsets": result["offsets"].tolist()}
     write_json(out / METRICS, metrics)
     return metrics
@@ -220,6 +232,11 @@ def _fit_and_label_graph(cfg: ExperimentConfig, ds: Dataset, labeled_idx: np.nda
 def label_metrics(label: np.ndarray, confidence: np.ndarray, is_labeled: np.ndarray, ds: Dataset) -> dict:
     """Pseudo-label quality on the unlabeled pool (true labels used for diagnostics only)."""
     pool = ~is_labeled
-    report = pseudo_label_report(label, ds.train_labels, pool, ds.num_classes)
+    if not ds.train_labels_known:              # a pool of unlabeled images: nothing to compare against
+        report = {"num_images": int(pool.sum()), "accuracy": None,
+                  "not_available": "the unlabeled images' true classes are unknown (data.name=pool)",
+                  "predicted": np.bincount(label[pool], minlength=ds.num_classes).tolist()}
+    else:
+        report = pseudo_label_report(label, ds.train_labels, pool, ds.num_classes)
     report["mean_confidence"] = float(confidence[pool].mean()) if pool.any() else None
     return {"pseudo_labels": report}
