@@ -55,6 +55,9 @@ def test_smoke_run_writes_every_artifact(smoke_run):
     assert 0 <= ev["class_consistency"]["accuracy"] <= 1 and "precision_recall" in ev
     html = (run / "report.html").read_text()
     assert "data:image/png;base64" in html
+    from PIL import Image
+    side = Image.open(run / "figures" / "real_beside_generated.png")      # 4 classes: labeled | gap | generated
+    assert side.size[1] == 4 * (16 * 3 + 2) + 2 and "labeled real images" in html
     state = load_torch(run / "stage1/state.pt")          # weights_only load
     assert state["step"] == 40
 
@@ -191,5 +194,6 @@ def test_evaluation_without_oracle(smoke_run, tmp_path, capsys):
     assert ev["fid"]["num_samples"] == 32 and np.isfinite(ev["fid"]["fid"])
     assert ev["precision_recall"]["features"].startswith("inception") and 0 <= ev["precision_recall"]["recall"] <= 1
     assert not list((tmp_path / "cache").glob("oracle-*")), "no oracle may be trained"
+    assert f"{ev['fid']['fid']:.2f}" in (copy / "report.md").read_text(), "eval rewrites the report"
     assert run_cli("eval", "--run-dir", str(copy), "--set", "evaluation.oracle_network=resnet9000") == 2
     assert "evaluation.oracle_network" in capsys.readouterr().err

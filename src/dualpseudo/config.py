@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -43,14 +44,20 @@ def hashable_dict(section: Any) -> dict:
 class DataConfig:
     """Which images, and which of them carry labels."""
 
-    name: Literal["fashion_mnist", "mnist", "cifar10", "folder", "synthetic"] = "fashion_mnist"
+    name: Literal["fashion_mnist", "mnist", "cifar10", "folder", "pool", "synthetic"] = "fashion_mnist"
     root: str = "/usr/share/datasets/fashion-mnist"   # folder holding the dataset files
-    labels_per_class: int = 4                         # ignored when labeled_indices is given
+    labels_per_class: int = 4                         # ignored when labeled_indices is given; pool: 0 = all labels
     labeled_indices: str | None = None                # file of training indices (whitespace/comma separated or JSON)
     split_seed: int = 0                               # seed of the labeled-subset draw
     hflip: bool = False                               # horizontal flips in augmentation (never for digits)
     train_limit: int = 0                              # > 0: keep only the first N training images (quick tests)
     test_limit: int = 0                               # > 0: keep only the first N test images
+    # pool: a folder tree of unlabeled images + a labels file (data/pool.py)
+    labels_file: str | None = added_later(None)       # CSV `path,label` or JSON; paths relative to root
+    test_root: str | None = added_later(None)         # optional test set: class sub-folders of images
+    image_size: int = added_later(0)                  # 0: the images' own (one square size); else resized
+    channels: int = added_later(0)                    # 0: 1 when every image is grey, else 3
+    skip_unreadable: bool = added_later(False)        # skip undecodable pool images (and say how many)
     # synthetic data (tests and smoke runs)
     synthetic_classes: int = 4
     synthetic_train_per_class: int = 64
@@ -130,6 +137,8 @@ class Stage3Config:
     # features of the labeled images alone, not the classifier that made the labels) puts in their class
     pseudo_fraction: float = 0.5                      # share of pseudo-images in each labeled batch
     iterations: int = 0                               # 0: as many as stage 1
+    pseudo_weight: float = added_later(1.0)
+    # label-propagation only: each pseudo-image's source strength in the graph relative to a real labeled image's
 
 
 @dataclass(frozen=True)
@@ -228,6 +237,7 @@ class RuntimeConfig:
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
     threads: int = 0                                  # 0: leave torch's default
     seed: int = 0
+    compile: bool = added_later(False)                # torch.compile the stage-2 training forward (GPU; slow start)
 
 
 @dataclass(frozen=True)
@@ -247,7 +257,9 @@ class ExperimentConfig:
 
 # Value checks, by dotted key: (predicate, what the value must be).
 _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
-    "data.labels_per_class": (lambda v: v > 0, "> 0"),
+    "data.labels_per_class": (lambda v: v >= 0, ">= 0 (0: every labeled image, data.name=pool only)"),
+    "data.image_size": (lambda v: v == 0 or v >= 8, "0 (the images' own) or >= 8"),
+    "data.channels": (lambda v: v in (0, 1, 3), "0 (automatic), 1 or 3"),
     "data.train_limit": (lambda v: v >= 0, ">= 0"),
     "data.test_limit": (lambda v: v >= 0, ">= 0"),
     "data.synthetic_classes": (lambda v: v >= 2, ">= 2"),
@@ -291,6 +303,7 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "stage2.sample_chunk": (lambda v: v > 0, "> 0"),
     "stage3.pseudo_fraction": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "stage3.iterations": (lambda v: v >= 0, ">= 0"),
+    "stage3.pseudo_weight": (lambda v: v > 0, "> 0"),
     "linear_probe.l2_strength": (lambda v: v > 0, "> 0"),
     "linear_probe.max_iter": (lambda v: v > 0, "> 0"),
     "linear_probe.shard_size": (lambda v: v > 0, "> 0"),
@@ -320,6 +333,8 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "evaluation.pr_k": (lambda v: v >= 1, ">= 1"),
     "evaluation.pr_max_samples": (lambda v: v > 3, "> 3"),
     "evaluation.batch_size": (lambda v: v > 0, "> 0"),
+    "runtime.device": (lambda v: v in ("cpu", "cuda", "auto") or (v.startswith("cuda:") and v[5:].isdigit()),
+                       "cpu, cuda, cuda:N or auto"),
     "runtime.threads": (lambda v: v >= 0, ">= 0"),
     "rounds": (lambda v: v >= 1, ">= 1"),
 }
@@ -347,14 +362,19 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
                 pass
         raise ConfigError(f"{key}: {value!r} has the wrong type (expected {tp})")
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        try:
+            value = float(value)
+        except OverflowError:
+            raise ConfigError(f"{key}: the number is too large") from None
     if tp is float and isinstance(value, str):         # YAML 1.1 reads "3e-4" (no dot) as a string
         try:
-            return float(value)
+            value = float(value)
         except ValueError:
             pass
     if tp in (int, float, str, bool) and not (type(value) is tp):
         raise ConfigError(f"{key}: {value!r} has the wrong type (expected {tp.__name__})")
+    if tp is float and not math.isfinite(value):      # YAML's .inf / .nan pass every range check
+        raise ConfigError(f"{key}: {value!r} is not a finite number")
     return value
 
 
@@ -388,9 +408,37 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     key, raw = item.split("=", 1)
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError):               # (ValueError: e.g. a date YAML cannot represent)
         value = raw
     return key.strip().split("."), value
+
+
+def _check_override_path(item: str, keys: list[str], value: Any) -> None:
+    """Refuse `--set` keys that treat a value as a section or a section as a value (unknown keys are left to
+    `_build`, which names them)."""
+    cls: Any = ExperimentConfig
+    for i, k in enumerate(keys):
+        hints = typing.get_type_hints(cls)
+        if k not in hints:
+            return
+        tp, key = hints[k], ".".join(keys[:i + 1])
+        last = i == len(keys) - 1
+        if not last and not dataclasses.is_dataclass(tp):
+            raise ConfigError(f"override '{item}': '{key}' is a value, not a section; use --set {key}=VALUE")
+        if last and dataclasses.is_dataclass(tp) and not isinstance(value, dict):
+            first = dataclasses.fields(tp)[0].name
+            raise ConfigError(f"override '{item}': '{key}' is a section, not a value; set one of its keys, "
+                              f"e.g. --set {key}.{first}=VALUE")
+        cls = tp
+
+
+def _yaml_problem(e: Exception) -> str:
+    """One line about a YAML error: what is wrong and where (line and column, 1-based)."""
+    problem = getattr(e, "problem", None)
+    mark = getattr(e, "problem_mark", None)
+    if problem and mark is not None:
+        return f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
+    return " ".join(line.strip() for line in str(e).splitlines()[:3])
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
@@ -399,18 +447,30 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
+            raise ConfigError(f"config file {path} does not exist" if not path.exists() else
+                              f"config file {path} is not a file")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path} ({e.strerror or e})") from None
+        except (yaml.YAMLError, ValueError) as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(e)}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must be a mapping of sections (data:, stage1:, ...), "
+                              f"not a YAML {type(data).__name__}")
     for item in overrides:
         keys, value = _parse_override(item)
+        _check_override_path(item, keys, value)
         node = data
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
+        for i, k in enumerate(keys[:-1]):
+            if node.get(k) is None:                   # absent, or an empty section (`data:` in the file)
+                node[k] = {}
+            node = node[k]
             if not isinstance(node, dict):
-                raise ConfigError(f"override '{item}': '{k}' is not a section")
+                raise ConfigError(f"override '{item}': '{'.'.join(keys[:i + 1])}' is a value, not a section "
+                                  f"(it holds {node!r})")
         node[keys[-1]] = value
     return _build(ExperimentConfig, data)
 

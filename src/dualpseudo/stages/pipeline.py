@@ -22,20 +22,18 @@ import numpy as np
 import yaml
 
 from .. import __version__, distributed, runtime
-from ..artifacts import (ArtifactError, file_hash, read_json, reset_if_stale, stage_status, write_json,
+from ..artifacts import (ArtifactError, array_hash, file_hash, read_json, reset_if_stale, stage_status, write_json,
                          write_manifest, write_text)
 from ..config import ConfigError, ExperimentConfig, config_hash, from_dict, load_config, to_dict, to_yaml
-from ..data.datasets import Dataset, load_dataset
+from ..data.datasets import Dataset, DataError, DataMissingError, load_dataset
 from ..data.splits import labeled_split, read_indices, split_record
-from ..rundir import RunDir
+from ..rundir import RunDir, RunDirError
+from ..rundir import lock as lock_run_dir
 from ..classify.contrastive import ENCODER_FILE
+from .checks import check_run, named_file_inputs
 from .encoder import check_feature_settings, encoder_key, ensure_encoder, needs_encoder
 
 ALL_STAGES = ("stage1", "stage2", "stage3", "evaluation")  # (+ "encoder" before stage 1 when a learner needs it)
-
-
-class RunDirError(RuntimeError):
-    """The run directory cannot be used as asked (e.g. it was made by another config)."""
 
 
 @dataclass
@@ -54,9 +52,11 @@ def check_run_dir(cfg: ExperimentConfig, run: RunDir, force: bool) -> None:
     if not run.config.is_file():
         return
     try:
-        old = yaml.safe_load(run.config.read_text()) or {}
-    except yaml.YAMLError:
-        old = {}
+        old = yaml.safe_load(run.config.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError, ValueError) as e:
+        raise _damaged_config(run, f"not valid YAML ({str(e).splitlines()[0][:120]})") from None
+    if not isinstance(old, dict):
+        raise _damaged_config(run, "empty" if old is None else f"a YAML {type(old).__name__}, not a config")
     try:                                   # keys added to the config since, at their defaults, are no change
         old = to_dict(from_dict(old))
     except ConfigError:
@@ -67,6 +67,26 @@ def check_run_dir(cfg: ExperimentConfig, run: RunDir, force: bool) -> None:
         shown = ", ".join(changed[:6]) + (" ..." if len(changed) > 6 else "")
         raise RunDirError(f"run directory {run.root} was made by a different config (changed: {shown}); "
                           f"use a new --run-dir, or --force to re-run the stages these keys affect")
+
+
+def _damaged_config(run: RunDir, what: str) -> RunDirError:
+    return RunDirError(f"{run.config} is {what}; restore it, or delete it and rerun `dualpseudo run CONFIG "
+                       f"--run-dir {run.root}` with the run's config (finished stages whose hashes match are reused)")
+
+
+def _lock(run: RunDir, world: distributed.World) -> bool:
+    """Rank 0 takes the run directory's lock for this command (RunDirError on every rank when another process
+    holds it); True when held (False: a read-only directory without a lock file)."""
+    held, err = False, None
+    if world.is_main:
+        try:
+            held = lock_run_dir(run.root)
+        except RunDirError as e:
+            err = str(e)
+    err = world.broadcast(err)
+    if err:
+        raise RunDirError(err)
+    return held
 
 
 def _diff(old: dict, new: dict, prefix: str = "") -> set[str]:
@@ -91,14 +111,38 @@ def _write_env(run: RunDir, device: str) -> None:
 def load_run_config(run: RunDir) -> ExperimentConfig:
     if not run.config.is_file():
         raise RunDirError(f"{run.root} is not a run directory (no config.yaml); run `dualpseudo run CONFIG --run-dir {run.root}` first")
-    return load_config(run.config)
+    try:
+        return load_config(run.config)
+    except ConfigError as e:
+        raise _damaged_config(run, f"damaged ({e})") from None
 
 
 # ---------------------------------------------------------------------------------------------- the steps
 def labeled_indices(cfg: ExperimentConfig, ds: Dataset) -> tuple[np.ndarray, str]:
     if cfg.data.labeled_indices:
-        return read_indices(cfg.data.labeled_indices, len(ds.train_labels)), f"file:{cfg.data.labeled_indices}"
+        try:
+            idx = read_indices(cfg.data.labeled_indices, len(ds.train_labels))
+            if (ds.train_labels[idx] < 0).any():
+                raise DataError(f"{cfg.data.labeled_indices}: index {int(idx[ds.train_labels[idx] < 0][0])} is an "
+                                f"image without a label in data.labels_file")
+            empty = [c for c in range(ds.num_classes) if not (ds.train_labels[idx] == c).any()]
+            if empty:
+                raise DataError(f"{cfg.data.labeled_indices} labels no image of class {empty[0]} "
+                                f"({ds.class_names[empty[0]]}); every class needs at least one labeled image")
+            return idx, f"file:{cfg.data.labeled_indices}"
+        except DataError as e:                    # a file that is there but wrong: the config's key names it
+            if Path(cfg.data.labeled_indices).expanduser().is_file():
+                raise ConfigError(f"data.labeled_indices: {e}") from None
+            raise
+    if not ds.train_labels_known and cfg.stage2.label_source == "true":
+        raise ConfigError("stage2.label_source: 'true' trains on every image's true class, which a pool of "
+                          "unlabeled images does not have; use 'pseudo' (DPT) or 'none'")
+    if cfg.data.labels_per_class == 0 and ds.train_labels_known:
+        raise ConfigError("data.labels_per_class: 0 (every labeled image) applies to data.name=pool only; "
+                          "give the number of labeled images per class")
     idx = labeled_split(ds.train_labels, ds.num_classes, cfg.data.labels_per_class, cfg.data.split_seed)
+    if cfg.data.labels_per_class == 0:
+        return idx, f"every labeled image of {cfg.data.labels_file}"
     return idx, f"{cfg.data.labels_per_class} per class, seed {cfg.data.split_seed}"
 
 
@@ -121,7 +165,10 @@ def build_steps(cfg: ExperimentConfig, run: RunDir, ds: Dataset, stages: tuple[s
         from .evaluation import check_oracle_network
         check_oracle_network(cfg.evaluation.oracle_network)
     check_feature_settings(cfg, ds)
+    check_run(cfg, ds, stages)                            # networks, image geometry, files the config names
     idx, source = labeled_indices(cfg, ds)
+    # an index file enters stage 1's inputs by content: editing it in place re-runs stage 1 and what follows
+    index_input = {"labeled_indices": array_hash(idx)} if cfg.data.labeled_indices else {}
     s1 = run.stage1
     steps: list[Step] = []
     encoder_file = None
@@ -144,7 +191,8 @@ def build_steps(cfg: ExperimentConfig, run: RunDir, ds: Dataset, stages: tuple[s
     probe3 = {**probe1, **_feature_sections(cfg, cfg.stage3.mode),
               **({"linear_probe": cfg.linear_probe} if cfg.stage3.filter == "agree" else {})}
     steps.append(Step("stage1", s1, config_hash({"data": cfg.data, "stage1": cfg.stage1, **rt, **probe1}),
-                      lambda: {"dataset": ds.fingerprint, **encoder_input()}, stage1))
+                      lambda: {"dataset": ds.fingerprint, **encoder_input(), **index_input,
+                               **named_file_inputs(cfg, "stage1")}, stage1))
     if last < 1:
         return steps
 
@@ -160,8 +208,8 @@ def build_steps(cfg: ExperimentConfig, run: RunDir, ds: Dataset, stages: tuple[s
 
         def inputs2(labels_src=labels_src):
             if cfg.stage2.label_source != "pseudo":
-                return {"dataset": ds.fingerprint}
-            return {"pseudo_labels": _hash_or_missing(labels_src)}
+                return {"dataset": ds.fingerprint, **named_file_inputs(cfg, "stage2")}
+            return {"pseudo_labels": _hash_or_missing(labels_src), **named_file_inputs(cfg, "stage2")}
 
         latent = {"latent": cfg.latent} if cfg.latent.autoencoder != "none" else {}
         steps.append(Step(f"{tag}stage2", d2, config_hash({"stage2": cfg.stage2, "hflip": cfg.data.hflip, **rt,
@@ -179,7 +227,8 @@ def build_steps(cfg: ExperimentConfig, run: RunDir, ds: Dataset, stages: tuple[s
                                                                "hflip": cfg.data.hflip, **rt, **probe3}),
                               lambda d2=d2: {"pseudo_images": _hash_or_missing(d2 / PSEUDO_IMAGES),
                                              "split": _hash_or_missing(s1 / "split.json"), **encoder_input(),
-                                             **_real_pseudo_input(cfg, s1 / PSEUDO_LABELS)}, stage3))
+                                             **_real_pseudo_input(cfg, s1 / PSEUDO_LABELS),
+                                             **named_file_inputs(cfg, "stage3")}, stage3))
         if last >= 3:
             def evaluation(d2=d2, de=de):
                 from .evaluation import run_evaluation
@@ -188,11 +237,12 @@ def build_steps(cfg: ExperimentConfig, run: RunDir, ds: Dataset, stages: tuple[s
                 m = run_evaluation(cfg, ds, d2 / PSEUDO_IMAGES, de, device)
                 return ["metrics.json"], {"fid": m.get("fid", {}).get("fid"),
                                           "class_consistency": (m["class_consistency"] or {}).get("accuracy"),
-                                          "precision": m["precision_recall"]["precision"],
-                                          "recall": m["precision_recall"]["recall"]}
+                                          "precision": (m["precision_recall"] or {}).get("precision"),
+                                          "recall": (m["precision_recall"] or {}).get("recall")}
 
             steps.append(Step(f"{tag}evaluation", de, config_hash({"evaluation": cfg.evaluation}),
-                              lambda d2=d2: {"pseudo_images": _hash_or_missing(d2 / PSEUDO_IMAGES)}, evaluation,
+                              lambda d2=d2: {"pseudo_images": _hash_or_missing(d2 / PSEUDO_IMAGES),
+                                             **named_file_inputs(cfg, "evaluation")}, evaluation,
                               resumable=()))
     return steps
 
@@ -246,24 +296,27 @@ def main(config_path: str, overrides: list[str], run_root: Path, stages: tuple[s
     cfg = load_config(config_path, overrides)
     run = RunDir(run_root)
     check_run_dir(cfg, run, force)
+    if dry_run:
+        return _dry_run(cfg, run, stages)
+    runtime.resolve_device(cfg.runtime.device)          # an absent device fails here, before the data is read
+    from .preflight import missing_files
+    lacking = missing_files(cfg, stages)                # a file read only after hours of training fails now
+    if lacking:
+        raise ConfigError(lacking[0])
     ds = load_dataset(cfg.data, cfg.evaluation.cache_dir)
     device = runtime.setup(cfg.runtime)
     world, device = distributed.init(device)
+    locked = _lock(run, world)                          # one run per directory, held until the command ends
     steps = build_steps(cfg, run, ds, stages, device)
-    if dry_run:
-        if world.is_main:
-            print(to_yaml(cfg))
-            print(f"plan for {run.root}:")
-            for name, what in plan(steps):
-                print(f"  {name:<22} {what}")
-        return 0
     say = (lambda msg: print(msg, flush=True)) if world.is_main else (lambda msg: None)
     if world.is_main:
         run.root.mkdir(parents=True, exist_ok=True)
-        for tmp in run.root.rglob(".*.tmp"):           # left by a writer that was killed; never read
-            tmp.unlink(missing_ok=True)
-        write_text(run.config, to_yaml(cfg))
-        _write_env(run, f"{device} x {world.size} processes" if world.distributed else str(device))
+        for tmp in run.root.rglob(".*.tmp") if locked else ():   # left by a writer that was killed; never read
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:                                  # a read-only directory: they stay unread there
+                pass
+        write_text(run.config, to_yaml(cfg))                 # not rewritten when unchanged (read-only reuse)
     world.barrier()
     for s in steps:
         inputs = s.inputs()
@@ -273,6 +326,7 @@ def main(config_path: str, overrides: list[str], run_root: Path, stages: tuple[s
             continue
         say(f"[{s.name}] running ({why})")
         if world.is_main:
+            _write_env(run, f"{device} x {world.size} processes" if world.distributed else str(device))
             s.dir.mkdir(parents=True, exist_ok=True)
             if s.resumable and reset_if_stale(s.dir, {"config": s.config_hash, "inputs": inputs}, s.resumable):
                 say(f"[{s.name}] dropped a training state made with other settings")
@@ -289,6 +343,48 @@ def main(config_path: str, overrides: list[str], run_root: Path, stages: tuple[s
         path = _write_report(run)
         print(f"report: {path}")
     world.barrier()
+    return 0
+
+
+def _dry_run(cfg: ExperimentConfig, run: RunDir, stages: tuple[str, ...]) -> int:
+    """Print the resolved config and the plan; what this machine still lacks (device, dataset, files the config
+    names) is listed in the plan with where it goes, not raised. Prints on rank 0 of a launch only."""
+    import os
+
+    import torch
+
+    from .preflight import missing_device, missing_files
+
+    lacking = [why] if (why := missing_device(cfg)) else []
+    try:
+        ds = load_dataset(cfg.data, cfg.evaluation.cache_dir)
+    except DataMissingError as e:                      # not there yet: the plan says where it goes
+        ds = None
+        lacking.append(f"data: {e}")
+    files = missing_files(cfg, stages)                 # (a missing labeled-index file among them)
+    steps = None
+    if ds is not None:
+        try:
+            steps = build_steps(cfg, run, ds, stages, torch.device("cpu"))
+        except DataError:
+            if not files:                              # bad data (not absent data) fails the dry run too
+                raise
+    lacking += files
+    if int(os.environ.get("RANK", 0)) != 0:
+        return 0
+    print(to_yaml(cfg))
+    print(f"plan for {run.root}:")
+    if steps is not None:
+        for name, what in plan(steps):
+            print(f"  {name:<22} {what}")
+    else:
+        last = max(ALL_STAGES.index(s) for s in stages)
+        for name in (["encoder"] if needs_encoder(cfg) else []) + list(ALL_STAGES[:last + 1]):
+            print(f"  {name:<22} run (once the data is there)")
+    if lacking:
+        print("missing on this machine:")
+        for line in lacking:
+            print(f"  - {line}")
     return 0
 
 
@@ -348,6 +444,7 @@ def evaluate_run(run_root: Path, overrides: list[str]) -> int:
     """`dualpseudo eval`: (re-)evaluate every round's pseudo-images of a run directory."""
     run = RunDir(run_root)
     cfg = load_run_config(run)
+    lock_run_dir(run.root)
     if overrides:
         cfg = load_config(run.config, overrides)
     ds = load_dataset(cfg.data, cfg.evaluation.cache_dir)
@@ -357,8 +454,11 @@ def evaluate_run(run_root: Path, overrides: list[str]) -> int:
         if not (s.dir.parent / "stage2" / "pseudo_images.npz").is_file():
             raise RunDirError(f"{s.dir.parent / 'stage2'} has no pseudo_images.npz; run stage 2 first")
         outputs, summary = s.run()
-        write_manifest(s.dir, s.config_hash, s.inputs(), outputs, {"summary": summary})
+        if not stage_status(s.dir, s.config_hash, s.inputs())[0]:   # unchanged results keep their manifest
+            write_manifest(s.dir, s.config_hash, s.inputs(), outputs, {"summary": summary})
         print(f"[{s.name}] {json.dumps(summary, default=str)}")
+    from ..report import write_report as _write_report
+    print(_write_report(run))                         # the report shows the new evaluation
     return 0
 
 
