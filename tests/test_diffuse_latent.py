@@ -84,3 +84,27 @@ def test_diffusers_autoencoder_from_a_local_folder(tmp_path):
     z = encode_images(ae, images)
     assert z.shape == (3, 4, 8, 8)                                          # SD layout: 4 channels, 1/2^(levels-1)
     assert decode_latents(ae, z).shape == images.shape
+
+
+def test_a_diverged_autoencoder_keeps_its_last_good_state_and_says_so(tmp_path):
+    """Weights that turn non-finite after step 2 are refused at the next checkpoint; the saved state stays the
+    step-2 one and the message names it."""
+    from dualpseudo.artifacts import load_state
+    from dualpseudo.guards import DivergenceError
+
+    torch.manual_seed(0)
+    ae = KLAutoencoder(1, latent_channels=4, width=8, levels=2)
+    state = tmp_path / "ae_state.pt"
+    kw = dict(batch_size=8, lr=3e-3, seed=0, checkpoint_every=2, state_path=state, key="k")
+    train_autoencoder(ae, _images(), steps=2, **kw)
+    calls = []
+
+    def poison(module, args):                     # after the resume, the weights blow up at step 4
+        calls.append(1)
+        if len(calls) == 2:
+            with torch.no_grad():
+                module.weight.fill_(float("nan"))
+    ae.decoder[-1].register_forward_pre_hook(poison)
+    with pytest.raises(DivergenceError, match=r"last good state \(step 2\)"):
+        train_autoencoder(ae, _images(), steps=6, **kw)
+    assert load_state(state)["step"] == 2

@@ -163,6 +163,15 @@ def test_stage3_pseudo_weight_changes_the_scores_and_is_recorded(graph_run):
     assert not np.allclose(a["scores"].numpy(), b["scores"].numpy())        # ... weighed differently
 
 
+def test_stage3_baseline_runs_beside_dpt_and_keeps_stage3(graph_run):
+    run, _ = graph_run
+    copy, m3 = _stage3_variant(graph_run, "baseline", "stage3.baseline=true")
+    assert read_json(copy / "stage3/manifest.json") == read_json(run / "stage3/manifest.json")   # DPT reused
+    mb = read_json(copy / "stage3_baseline/metrics.json")
+    assert mb["pseudo_source"] == "real" and mb["num_pseudo_images"] == 32 and "delta_top1" in mb
+    assert "self-training" in (copy / "report.md").read_text()
+
+
 def test_pseudo_weight_outside_label_propagation_is_an_error(tmp_path, capsys):
     code = main(["run", SMOKE_GRAPH, "--run-dir", str(tmp_path / "r"), "--set", "stage3.mode=linear-probe",
                  "--set", "stage3.pseudo_weight=0.5", "--set", f"evaluation.cache_dir={tmp_path / 'cache'}"])

@@ -254,12 +254,15 @@ def _headline(run, rounds: list[int], cfg: dict, s1: dict) -> list[Block]:
 
     src = {"stage1": {r: s1 if r == 1 else None for r in rounds},      # stage 1 runs once, in round 1
            "stage3": {r: _json(run.stage("stage3", r) / "metrics.json") for r in rounds},
+           "stage3_baseline": {r: _json(run.stage("stage3_baseline", r) / "metrics.json") for r in rounds},
            "evaluation": {r: _json(run.stage("evaluation", r) / "metrics.json") for r in rounds}}
     pr = lambda m, k: _f(_get(m, "precision_recall", k))  # noqa: E731
     metrics = [
         ("stage-1 test top-1", "stage1", lambda m: _pct(_get(m, "test", "top1")) if "test" in m else NO_TEST),
         ("stage-3 test top-1", "stage3", lambda m: _pct(_get(m, "test", "top1")) if "test" in m else NO_TEST),
         ("change vs stage 1", "stage3", lambda m: _pp(m.get("delta_top1"))),
+        ("baseline: stage 3 with K real pseudo-labeled images instead (self-training)", "stage3_baseline",
+         lambda m: f"{_pct(_get(m, 'test', 'top1'))} ({_pp(m.get('delta_top1'))})"),
         ("pseudo-label accuracy, stage 1 (unlabeled pool)", "stage1",
          lambda m: _unavailable(m, "pseudo_labels") or _pct(_get(m, "pseudo_labels", "accuracy"))),
         ("pseudo-label accuracy, stage 3 (unlabeled pool)", "stage3",
@@ -283,6 +286,8 @@ def _headline(run, rounds: list[int], cfg: dict, s1: dict) -> list[Block]:
     def cell(label: str, m: dict | None, fn) -> str:
         if label in undefined:
             return "— (unconditional generator)"
+        if label.startswith("baseline:") and m == {}:
+            return "not run (stage3.baseline: false)"
         return "" if m is None else fn(m) if m else "not run yet"
     rows = [[label] + [cell(label, src[stage][r], fn) for r in rounds] for label, stage, fn in metrics]
     for s in STAGES:

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from ..artifacts import ArtifactError, load_npz, load_state, load_weights, save_npz, save_state, save_weights
 from ..config import LatentConfig, config_hash
+from ..guards import DivergenceError, finite, kept_state
 
 SD_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
 AUTOENCODER = "autoencoder.safetensors"
@@ -140,10 +141,18 @@ def train_autoencoder(ae: KLAutoencoder, images_uint8: np.ndarray, *, steps: int
         except (ArtifactError, KeyError, RuntimeError):
             start, log = 0, []                          # unusable state: train from scratch
 
+    good = start if start else None                     # the step of the last state saved with finite weights
+
     def save(step: int) -> None:
+        nonlocal good
+        if not bool(finite(ae)) or not np.isfinite(log[-1]["loss"] if log else 0.0):
+            raise DivergenceError(f"the stage-2 autoencoder diverged by step {step} (non-finite loss or weights); "
+                                  f"{kept_state(Path(state_path), good) if state_path is not None else 'nothing kept'}"
+                                  f". Lower latent.lr or use runtime.precision=fp32, then rerun")
         if state_path is not None:
             save_state(state_path, {"key": key, "model": ae.state_dict(), "optimizer": opt.state_dict(),
                                     "generator": g.get_state(), "step": step, "log": log})
+            good = step
 
     bar = tqdm(total=steps, initial=start, desc="stage2 autoencoder", unit="step", disable=not progress,
                dynamic_ncols=True)

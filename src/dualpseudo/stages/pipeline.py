@@ -14,7 +14,7 @@ import json
 import platform
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -223,12 +223,28 @@ def build_steps(cfg: ExperimentConfig, run: RunDir, ds: Dataset, stages: tuple[s
                                encoder_file=encoder_file, stage1_labels=s1 / PSEUDO_LABELS)
                 return ["classifier.safetensors", PSEUDO_LABELS, "metrics.json"], _summary(m)
 
-            steps.append(Step(f"{tag}stage3", d3, config_hash({"stage3": cfg.stage3, "stage1": cfg.stage1,
+            s3_cfg = replace(cfg.stage3, baseline=False)          # the baseline is a step of its own
+            steps.append(Step(f"{tag}stage3", d3, config_hash({"stage3": s3_cfg, "stage1": cfg.stage1,
                                                                "hflip": cfg.data.hflip, **rt, **probe3}),
                               lambda d2=d2: {"pseudo_images": _hash_or_missing(d2 / PSEUDO_IMAGES),
                                              "split": _hash_or_missing(s1 / "split.json"), **encoder_input(),
                                              **_real_pseudo_input(cfg, s1 / PSEUDO_LABELS),
                                              **named_file_inputs(cfg, "stage3")}, stage3))
+            if cfg.stage3.baseline and cfg.stage3.pseudo_source == "generated":
+                real = replace(cfg, stage3=replace(s3_cfg, pseudo_source="real"))
+                db = run.stage("stage3_baseline", r)
+
+                def baseline(d2=d2, db=db, real=real):
+                    shared = s1 / "features" if probe1 else None
+                    m = run_stage3(real, ds, idx, d2 / PSEUDO_IMAGES, db, device, _stage1_top1(s1),
+                                   feature_cache=shared, encoder_file=encoder_file, stage1_labels=s1 / PSEUDO_LABELS)
+                    return ["classifier.safetensors", PSEUDO_LABELS, "metrics.json"], _summary(m)
+
+                steps.append(Step(f"{tag}stage3-baseline", db, config_hash({
+                    "stage3": real.stage3, "stage1": cfg.stage1, "hflip": cfg.data.hflip, **rt, **probe3}),
+                    lambda: {"split": _hash_or_missing(s1 / "split.json"), **encoder_input(),
+                             **_real_pseudo_input(real, s1 / PSEUDO_LABELS), **named_file_inputs(cfg, "stage3")},
+                    baseline))
         if last >= 3:
             def evaluation(d2=d2, de=de):
                 from .evaluation import run_evaluation
