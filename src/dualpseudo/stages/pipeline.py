@@ -257,8 +257,11 @@ def build_steps(cfg: ExperimentConfig, run: RunDir, ds: Dataset, stages: tuple[s
                                           "recall": (m["precision_recall"] or {}).get("recall")}
 
             steps.append(Step(f"{tag}evaluation", de, config_hash({"evaluation": cfg.evaluation}),
-                              lambda d2=d2: {"pseudo_images": _hash_or_missing(d2 / PSEUDO_IMAGES),
-                                             **named_file_inputs(cfg, "evaluation")}, evaluation,
+                              lambda d2=d2, d3=d3: {"pseudo_images": _hash_or_missing(d2 / PSEUDO_IMAGES),
+                                                    **named_file_inputs(cfg, "evaluation"),
+                                                    # a pool is judged by stage 3's classifier (no oracle)
+                                                    **({} if ds.train_labels_known else {"stage3": _hash_or_missing(
+                                                        d3 / "classifier.safetensors")})}, evaluation,
                               resumable=()))
     return steps
 
