@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .artifacts import ArtifactError
+from .artifacts import ArtifactError, load_weights, weights_meta
 from .config import ConfigError
 from .data.datasets import IMAGE_SUFFIXES, DataError
 
@@ -53,36 +53,21 @@ def load_images(paths: Sequence[str | Path], image_size: int, channels: int) -> 
     Pixels are converted as the folder dataset converts them (`data.datasets._read_image`: one channel is the
     luminance, 16-bit grey scaled to 8 bits, transparency composited onto black; three channels RGB). An image
     of another size has its shorter side resized to `image_size` (bicubic), then the centre square cut."""
-    from PIL import Image
-
     from .data.datasets import _read_image
+    from .data.pool import fit_square
 
     files = image_files(paths)
     out = np.empty((len(files), image_size, image_size, channels), np.uint8)
     for i, p in enumerate(files):
-        arr, _ = _read_image(p, "L" if channels == 1 else "RGB")
-        h, w = arr.shape[:2]
-        if (h, w) != (image_size, image_size):
-            im = Image.fromarray(arr[..., 0] if channels == 1 else arr)
-            s = image_size / min(w, h)
-            im = im.resize((max(image_size, round(w * s)), max(image_size, round(h * s))), Image.Resampling.BICUBIC)
-            left, top = (im.size[0] - image_size) // 2, (im.size[1] - image_size) // 2
-            arr = np.asarray(im.crop((left, top, left + image_size, top + image_size)), np.uint8)
-        out[i] = arr.reshape(image_size, image_size, channels)
+        out[i] = fit_square(_read_image(p, "L" if channels == 1 else "RGB")[0], image_size)
     return out, files
 
 
 # ---------------------------------------------------------------------------------------------- classifier
 def _meta_key(path: Path) -> str:
-    import safetensors
-
     if not path.is_file():
         raise ArtifactError(f"{path} does not exist; finish that stage first (`dualpseudo run ...`)")
-    try:
-        with safetensors.safe_open(str(path), framework="pt", device="cpu") as f:
-            keys = set((f.metadata() or {}))
-    except Exception as e:
-        raise ArtifactError(f"{path} is not a dualpseudo classifier ({type(e).__name__}: {e})") from None
+    keys = weights_meta(path)
     for key in ("dualpseudo_graph", "dualpseudo_classifier"):
         if key in keys:
             return key
@@ -161,7 +146,6 @@ def load_classifier(run_dir: str | Path, stage: int = 3, device: str | torch.dev
         return extract_features(encoder, images, batch_size=batch_size, device=device, progress=False)
 
     if key == "dualpseudo_graph":
-        from .artifacts import load_weights
         from .classify import graph
         tensors, meta = load_weights(path, key, "dualpseudo graph classifier")
         if "features" not in tensors:
@@ -174,7 +158,6 @@ def load_classifier(run_dir: str | Path, stage: int = 3, device: str | torch.dev
             return graph.probabilities(graph.predict_new(nodes, scores, feats(encoder, images), int(meta["k"])))
         kind = "label-propagation"
     else:
-        from .artifacts import load_weights
         _, meta = load_weights(path, key, "dualpseudo classifier")
         if meta["network"] == "linear-probe":
             probe, meta = load_probe(path)

@@ -267,6 +267,29 @@ def save_weights(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict,
     return write_bytes(path, safetensors.torch.save(tensors, metadata={key: json.dumps(meta)}))
 
 
+def weights_meta(path: str | Path) -> dict[str, dict]:
+    """The `meta` dicts in a `save_weights` file's header, by key, read without loading any tensor (ArtifactError
+    when the file is missing or not safetensors; a key whose value is not a JSON object is left out)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n)) if 0 < n < 1 << 26 else None
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"{path} is not a readable safetensors file ({e})") from None
+    if not isinstance(header, dict):
+        raise ArtifactError(f"{path} is not a safetensors file (no header)")
+    out = {}
+    for key, text in (header.get("__metadata__") or {}).items():
+        try:
+            meta = json.loads(text)
+        except (TypeError, ValueError):
+            continue
+        if isinstance(meta, dict):
+            out[key] = meta
+    return out
+
+
 def load_weights(path: str | Path, key: str, what: str) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, meta) from a file written by `save_weights`; no pickle involved. `what` names it in errors."""
     import safetensors
@@ -285,11 +308,7 @@ def load_weights(path: str | Path, key: str, what: str) -> tuple[dict[str, torch
 
 def file_hash(path: str | Path) -> str:
     """sha256 (first 16 hex digits) of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
+    return _sha256(Path(path))[:16]
 
 
 def array_hash(*arrays: np.ndarray) -> str:

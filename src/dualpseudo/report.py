@@ -111,18 +111,15 @@ def _class_names(dataset: str | None, num_classes: int | None) -> list[str]:
 
 def _artifact_class_names(run) -> list[str] | None:
     """The class names a model file carries in its safetensors header (read without loading the tensors)."""
+    from .artifacts import ArtifactError, weights_meta
+
     for path in (run.stage1 / "classifier.safetensors", run.stage("stage2") / "diffusion.safetensors"):
         try:
-            with open(path, "rb") as f:
-                n = int.from_bytes(f.read(8), "little")
-                header = json.loads(f.read(n)) if 0 < n < 1 << 24 else {}
-        except (OSError, ValueError):
+            metas = weights_meta(path)
+        except ArtifactError:
             continue
-        for text in (header.get("__metadata__") or {}).values():
-            try:
-                names = json.loads(text).get("class_names")
-            except (ValueError, AttributeError):
-                continue
+        for meta in metas.values():
+            names = meta.get("class_names")
             if isinstance(names, list) and names:
                 return [str(x) for x in names]
     return None

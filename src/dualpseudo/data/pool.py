@@ -26,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .datasets import DECODE_VERSION, IMAGE_SUFFIXES, DataError, DataMissingError, Dataset, _read_image
+from .datasets import (DECODE_VERSION, IMAGE_SUFFIXES, DataError, DataMissingError, Dataset, _read_image,
+                       folder_mode)
 
 UNKNOWN = -1                                   # the label of a training image nobody labeled
 
@@ -146,25 +147,21 @@ def _geometry(files: list[Path], image_size: int, channels: int) -> tuple[int, s
     """(size, PIL mode, channels): the configured ones, or those every image agrees on (header reads only)."""
     from PIL import Image
 
-    sizes, grey = set(), True
-    if image_size and channels:
-        return image_size, "L" if channels == 1 else "RGB", channels
-    for p in files:
-        try:
-            with Image.open(p) as im:
-                sizes.add(im.size)
-                grey &= im.mode in ("1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N")
-        except Exception:
-            continue                                   # decoding reports it (or skips it)
     if not image_size:
-        square = {s for s in sizes if s[0] == s[1]}
-        if len(sizes) != 1 or not square:
+        sizes = set()
+        for p in files:
+            try:
+                with Image.open(p) as im:
+                    sizes.add(im.size)
+            except Exception:
+                continue                                   # decoding reports it (or skips it)
+        if len(sizes) != 1 or next(iter(sizes))[0] != next(iter(sizes))[1]:
             raise DataError(f"the pool's images have {len(sizes)} different sizes "
                             f"({', '.join(f'{w}x{h}' for w, h in sorted(sizes)[:4])}{', ...' if len(sizes) > 4 else ''}"
                             f"); set data.image_size to bring them to one square size")
         image_size = next(iter(sizes))[0]
-    channels = channels or (1 if grey else 3)
-    return image_size, "L" if channels == 1 else "RGB", channels
+    mode = ("L" if channels == 1 else "RGB") if channels else folder_mode(files)
+    return image_size, mode, 1 if mode == "L" else 3
 
 
 def load_pool(cfg, cache: Path | None = None) -> Dataset:

