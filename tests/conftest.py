@@ -3,6 +3,8 @@ Debian `dataset-fashion-mnist` package (only CI installs it)."""
 import gzip
 from pathlib import Path
 
+import pytest
+
 import numpy as np
 
 
@@ -22,3 +24,19 @@ def make_idx_dataset(root: Path, n=40, test=10, gz=True, classes=10):
         write_idx(root / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (m, 28, 28)), gz)
         write_idx(root / f"{prefix}-labels-idx1-ubyte", np.arange(m) % classes, gz)
     return root
+
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE_GRAPH = str(ROOT / "configs" / "smoke_label_propagation.yaml")
+
+
+@pytest.fixture(scope="module")
+def graph_run(tmp_path_factory):
+    """The label-propagation smoke recipe run end to end once per test module (through the Python API):
+    (run directory, its parent, which also holds the run's cache)."""
+    import dualpseudo
+
+    base = tmp_path_factory.mktemp("graph")
+    run = base / "run"
+    assert dualpseudo.run(SMOKE_GRAPH, run, [f"evaluation.cache_dir={base / 'cache'}"]) == 0
+    return run, base

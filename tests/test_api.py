@@ -13,16 +13,7 @@ from dualpseudo.artifacts import load_npz, read_json
 from dualpseudo.cli import main
 from dualpseudo.data.datasets import make_synthetic
 
-ROOT = Path(__file__).resolve().parents[1]
-SMOKE_GRAPH = str(ROOT / "configs" / "smoke_label_propagation.yaml")
-
-
-@pytest.fixture(scope="module")
-def graph_run(tmp_path_factory):
-    base = tmp_path_factory.mktemp("api")
-    run = base / "run"
-    assert dualpseudo.run(SMOKE_GRAPH, run, [f"evaluation.cache_dir={base / 'cache'}"]) == 0
-    return run, base
+from conftest import SMOKE_GRAPH
 
 
 def _write_pngs(folder: Path, images: np.ndarray) -> list[Path]:

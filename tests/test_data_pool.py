@@ -13,8 +13,7 @@ from dualpseudo.config import DataConfig
 from dualpseudo.data.datasets import DataError, make_synthetic
 from dualpseudo.data.pool import load_pool
 
-ROOT = Path(__file__).resolve().parents[1]
-SMOKE_GRAPH = str(ROOT / "configs" / "smoke_label_propagation.yaml")
+from conftest import SMOKE_GRAPH
 NAMES = ["bar-0", "bar-45", "bar-90", "bar-135"]
 
 

@@ -121,7 +121,7 @@ def test_dry_run_prints_config_and_plan(tmp_path, capsys):
     # the demo config on a tiny stand-in for Fashion-MNIST (300 random 28x28 images, 30 per class), so the test
     # needs no installed dataset; 300 >= encoder.batch_size keeps the demo's encoder settings valid
     root = make_idx_dataset(tmp_path / "fashion-mnist", n=300, test=20)
-    assert run_cli("run", "configs/fashion_mnist.yaml", "--run-dir", str(tmp_path / "r"), "--dry-run",
+    assert run_cli("run", str(ROOT / "configs" / "fashion_mnist.yaml"), "--run-dir", str(tmp_path / "r"), "--dry-run",
                    "--set", f"data.root={root}", "--set", f"evaluation.cache_dir={tmp_path / 'cache'}") == 0
     out = capsys.readouterr().out
     assert "labels_per_class: 4" in out and "plan for" in out and "stage1" in out and "evaluation" in out

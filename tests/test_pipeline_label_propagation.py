@@ -8,16 +8,7 @@ import pytest
 from dualpseudo.artifacts import load_npz, read_json
 from dualpseudo.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
-SMOKE_GRAPH = str(ROOT / "configs" / "smoke_label_propagation.yaml")
-
-
-@pytest.fixture(scope="module")
-def graph_run(tmp_path_factory):
-    base = tmp_path_factory.mktemp("graph")
-    run = base / "run"
-    assert main(["run", SMOKE_GRAPH, "--run-dir", str(run), "--set", f"evaluation.cache_dir={base / 'cache'}"]) == 0
-    return run, base
+from conftest import SMOKE_GRAPH
 
 
 def test_label_propagation_runs_all_three_stages(graph_run):
