@@ -22,8 +22,8 @@ import pytest
 from dualpseudo.artifacts import file_hash, load_npz, read_json, read_manifest
 from dualpseudo.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
-SMOKE = str(ROOT / "configs" / "smoke.yaml")
+from conftest import SMOKE
+
 # configs/smoke.yaml cut to a few optimisation steps per stage: the cases test bookkeeping, not learning
 TINY = ["runtime.threads=1", "stage1.iterations=8", "stage1.checkpoint_every=4", "stage1.log_every=2",
         "stage2.duration_kimg=0.128", "stage2.checkpoint_every_kimg=0.064", "stage2.log_every_kimg=0.032",
@@ -290,11 +290,11 @@ def test_sigterm_says_interrupted(tmp_path):
 
 def test_a_bug_keeps_its_traceback(finished, monkeypatch):
     """Only failures a user can cause become error lines; an error of ours propagates with its traceback."""
-    from dualpseudo.stages import pipeline
+    from dualpseudo import commands
 
     def bug(run_root):
         raise ZeroDivisionError("a bug")
-    monkeypatch.setattr(pipeline, "write_report", bug)
+    monkeypatch.setattr(commands, "write_report", bug)
     with pytest.raises(ZeroDivisionError):
         main(["report", "--run-dir", str(finished[0])])
 

@@ -13,7 +13,6 @@ Images given as files go through `load_images`: the run's channel count and size
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -24,10 +23,8 @@ import torch
 from .artifacts import ArtifactError, load_weights, weights_meta
 from .config import ConfigError
 from .data.datasets import IMAGE_SUFFIXES, DataError
-
-CLASSIFIER = "classifier.safetensors"
-GENERATOR = "diffusion.safetensors"
-ENCODER = "encoder/encoder.safetensors"
+from .rundir import RunDir
+from .stages.files import CLASSIFIER, DIFFUSION, ENCODER
 
 
 # ---------------------------------------------------------------------------------------------- images
@@ -66,12 +63,12 @@ def load_images(paths: Sequence[str | Path], image_size: int, channels: int) -> 
 # ---------------------------------------------------------------------------------------------- classifier
 def _meta_key(path: Path) -> str:
     if not path.is_file():
-        raise ArtifactError(f"{path} does not exist; finish that stage first (`dualpseudo run ...`)")
+        raise ArtifactError(f"{path} does not exist; finish that stage first (`dualpseudo run ...`)", path)
     keys = weights_meta(path)
     for key in ("dualpseudo_graph", "dualpseudo_classifier"):
         if key in keys:
             return key
-    raise ArtifactError(f"{path} is not a dualpseudo classifier (no metadata)")
+    raise ArtifactError(f"{path} is not a dualpseudo classifier (no metadata)", path)
 
 
 @dataclass
@@ -111,13 +108,13 @@ class Classifier:
 def _stage_dir(root: Path, stage: int) -> Path:
     if stage not in (1, 3):
         raise ConfigError(f"stage must be 1 or 3, not {stage!r}")
-    return root / f"stage{stage}"
+    return RunDir(root).stage(f"stage{stage}")
 
 
 def _encoder_features(root: Path, meta: dict, precision: str):
     if meta.get("encoder") == "ssl":
         from .classify.contrastive import EncoderFeatures
-        return EncoderFeatures(root / ENCODER, precision)
+        return EncoderFeatures(RunDir(root).encoder / ENCODER, precision)
     from .classify.linear import build_encoder
     return build_encoder(meta["encoder"], meta.get("encoder_path"), precision)
 
@@ -126,7 +123,8 @@ def _run_precision(root: Path) -> str:
     """The run's `runtime.precision` (its stages computed with it), fp32 without a config."""
     from .config import load_config
 
-    return load_config(root / "config.yaml").runtime.precision if (root / "config.yaml").is_file() else "fp32"
+    config = RunDir(root).config
+    return load_config(config).runtime.precision if config.is_file() else "fp32"
 
 
 def load_classifier(run_dir: str | Path, stage: int = 3, device: str | torch.device = "cpu",
@@ -224,13 +222,14 @@ def load_generator(run_dir: str | Path, round: int = 1, device: str | torch.devi
     from .diffuse.train import load_diffusion
 
     root = Path(run_dir)
-    stage = root / "stage2" if round <= 1 else root / f"round{round}" / "stage2"
-    path = stage / GENERATOR
+    stage = RunDir(root).stage("stage2", round)
+    path = stage / DIFFUSION
     if not path.is_file():
-        raise ArtifactError(f"{path} does not exist; run `dualpseudo stage2` for {root} first")
+        raise ArtifactError(f"{path} does not exist; run `dualpseudo stage2` for {root} first", path)
     device = torch.device(device)
     net, meta = load_diffusion(path, device)
-    s2 = load_config(root / "config.yaml").stage2 if (root / "config.yaml").is_file() else None
+    config = RunDir(root).config
+    s2 = load_config(config).stage2 if config.is_file() else None
     defaults = {"sampler": s2.sampler if s2 else "dpmpp_2m", "steps": s2.steps if s2 else 20,
                 "guidance_scale": s2.guidance_scale if s2 else 1.0,
                 "batch_size": s2.sample_batch_size if s2 else 250, "precision": _run_precision(root)}
@@ -255,13 +254,9 @@ def run(config: str | Path, run_dir: str | Path, overrides: Sequence[str] = (), 
 
 def metrics(run_dir: str | Path) -> dict:
     """Each stage's metrics.json of a run directory, by stage name (absent stages left out)."""
-    root = Path(run_dir)
-    out = {}
-    for name in ("stage1", "stage3", "evaluation"):
-        p = root / name / "metrics.json"
-        if p.is_file():
-            out[name] = json.loads(p.read_text())
-    return out
+    from .stages.files import run_metrics
+
+    return run_metrics(Path(run_dir))
 
 
 # ---------------------------------------------------------------------------------------------- commands

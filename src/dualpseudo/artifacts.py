@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,12 +28,30 @@ import numpy as np
 import torch
 
 SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
 class ArtifactError(RuntimeError):
-    """An artifact that is missing, truncated, of the wrong schema or otherwise unusable."""
+    """An artifact that is missing, truncated, of the wrong schema or otherwise unusable; `path` is the file
+    (None when the raiser did not say; see `concerning`)."""
+
+    def __init__(self, message: str, path: str | Path | None = None):
+        super().__init__(message)
+        self.path = None if path is None else Path(path)
+
+
+@contextmanager
+def concerning(path: str | Path):
+    """Within this block, an ArtifactError that names no `path` is about `path` (for callees that name their
+    file only in the message, e.g. a training loop refusing its own `state.pt`)."""
+    try:
+        yield
+    except ArtifactError as e:
+        if e.path is None:
+            e.path = Path(path)
+        raise
 
 
 def atomic_write(path: str | Path, write: Callable[[io.BufferedWriter], None],
@@ -123,9 +142,9 @@ def read_json(path: str | Path) -> Any:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
-        raise ArtifactError(f"{path} does not exist") from None
+        raise ArtifactError(f"{path} does not exist", path) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{path} is not valid JSON ({e}); delete it to rebuild") from None
+        raise ArtifactError(f"{path} is not valid JSON ({e}); delete it to rebuild", path) from None
 
 
 def read_log(path: str | Path, upto: int | float, key: str = "step", rewrite: bool = True) -> list[str]:
@@ -179,12 +198,12 @@ def load_npz(path: str | Path, keys: tuple[str, ...] = ()) -> dict[str, np.ndarr
         with np.load(path, allow_pickle=False) as z:
             out = {k: z[k] for k in z.files}
     except FileNotFoundError:
-        raise ArtifactError(f"{path} does not exist") from None
+        raise ArtifactError(f"{path} does not exist", path) from None
     except Exception as e:  # zipfile/pickle/value errors all mean: unusable file
-        raise ArtifactError(f"{path} is unreadable ({type(e).__name__}: {e}); delete it to rebuild") from None
+        raise ArtifactError(f"{path} is unreadable ({type(e).__name__}: {e}); delete it to rebuild", path) from None
     missing = [k for k in keys if k not in out]
     if missing:
-        raise ArtifactError(f"{path} lacks arrays {missing}")
+        raise ArtifactError(f"{path} lacks arrays {missing}", path)
     return out
 
 
@@ -197,12 +216,12 @@ def load_torch(path: str | Path, map_location: str | torch.device = "cpu") -> An
     """Load a file written by `save_torch`; refuses anything that would execute code when unpickled."""
     path = Path(path)
     if not path.is_file():
-        raise ArtifactError(f"{path} does not exist")
+        raise ArtifactError(f"{path} does not exist", path)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ArtifactError(f"{path} cannot be loaded safely ({first[:200]}); delete it to rebuild") from None
+        raise ArtifactError(f"{path} cannot be loaded safely ({first[:200]}); delete it to rebuild", path) from None
 
 
 def _state_record(path: Path) -> Path:
@@ -244,7 +263,7 @@ def load_state(path: str | Path, map_location: str | torch.device = "cpu") -> An
     A state without a record (written before states had one) is loaded unchecked."""
     path = Path(path)
     if not path.is_file():
-        raise ArtifactError(f"{path} does not exist")
+        raise ArtifactError(f"{path} does not exist", path)
     rec = _state_record(path)
     if rec.is_file():
         try:
@@ -254,7 +273,7 @@ def load_state(path: str | Path, map_location: str | torch.device = "cpu") -> An
         digest = _sha256(path)
         if digest not in known:
             raise ArtifactError(f"{path} does not match the sha256 recorded in {rec.name} (the file was altered "
-                                f"or damaged); delete it to start this training over")
+                                f"or damaged); delete it to start this training over", path)
         _KNOWN_STATE[str(path)] = digest
     return load_torch(path, map_location)
 
@@ -276,9 +295,9 @@ def weights_meta(path: str | Path) -> dict[str, dict]:
             n = int.from_bytes(f.read(8), "little")
             header = json.loads(f.read(n)) if 0 < n < 1 << 26 else None
     except (OSError, ValueError) as e:
-        raise ArtifactError(f"{path} is not a readable safetensors file ({e})") from None
+        raise ArtifactError(f"{path} is not a readable safetensors file ({e})", path) from None
     if not isinstance(header, dict):
-        raise ArtifactError(f"{path} is not a safetensors file (no header)")
+        raise ArtifactError(f"{path} is not a safetensors file (no header)", path)
     out = {}
     for key, text in (header.get("__metadata__") or {}).items():
         try:
@@ -296,13 +315,13 @@ def load_weights(path: str | Path, key: str, what: str) -> tuple[dict[str, torch
 
     path = Path(path)
     if not path.is_file():
-        raise ArtifactError(f"{path} does not exist")
+        raise ArtifactError(f"{path} does not exist", path)
     try:
         with safetensors.safe_open(str(path), framework="pt", device="cpu") as f:
             meta = json.loads((f.metadata() or {})[key])
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:
-        raise ArtifactError(f"{path} is not a {what} ({type(e).__name__}: {e}); delete it to rebuild") from None
+        raise ArtifactError(f"{path} is not a {what} ({type(e).__name__}: {e}); delete it to rebuild", path) from None
     return tensors, meta
 
 
@@ -335,13 +354,13 @@ def write_manifest(stage_dir: str | Path, config_hash: str, inputs: dict[str, st
         "outputs": {name: file_hash(stage_dir / name) for name in outputs},
         **(extra or {}),
     }
-    write_json(stage_dir / "manifest.json", manifest)
+    write_json(stage_dir / MANIFEST, manifest)
     return manifest
 
 
 def read_manifest(stage_dir: str | Path) -> dict | None:
     """The stage's manifest, or None when it has none or an unreadable one."""
-    path = Path(stage_dir) / "manifest.json"
+    path = Path(stage_dir) / MANIFEST
     if not path.is_file():
         return None
     try:
@@ -356,7 +375,7 @@ def stage_status(stage_dir: str | Path, config_hash: str, inputs: dict[str, str]
     stage_dir = Path(stage_dir)
     m = read_manifest(stage_dir)
     if m is None:
-        return False, "manifest.json is unreadable" if (stage_dir / "manifest.json").exists() else "not run yet"
+        return False, f"{MANIFEST} is unreadable" if (stage_dir / MANIFEST).exists() else "not run yet"
     if m.get("schema_version") != SCHEMA_VERSION:
         return False, f"schema version {m.get('schema_version')} != {SCHEMA_VERSION}"
     if m.get("config_hash") != config_hash:
@@ -366,7 +385,7 @@ def stage_status(stage_dir: str | Path, config_hash: str, inputs: dict[str, str]
     outputs = m.get("outputs")
     if not isinstance(outputs, dict) or not outputs or not all(
             isinstance(k, str) and k and isinstance(v, str) for k, v in outputs.items()):
-        return False, "manifest.json is malformed"
+        return False, f"{MANIFEST} is malformed"
     for name, digest in outputs.items():
         p = stage_dir / name
         try:
@@ -375,13 +394,13 @@ def stage_status(stage_dir: str | Path, config_hash: str, inputs: dict[str, str]
             if file_hash(p) != digest:
                 return False, f"{name} changed since it was written"
         except (OSError, ValueError):               # a name that is no file of the stage (e.g. a NUL byte)
-            return False, "manifest.json is malformed"
+            return False, f"{MANIFEST} is malformed"
     return True, "done"
 
 
 def invalidate(stage_dir: str | Path) -> None:
     """Forget that a stage finished (its training state, if any, is kept for resuming)."""
-    (Path(stage_dir) / "manifest.json").unlink(missing_ok=True)
+    (Path(stage_dir) / MANIFEST).unlink(missing_ok=True)
 
 
 def reset_if_stale(stage_dir: str | Path, key: dict, files: tuple[str, ...], key_file: str = "state_key.json") -> bool:

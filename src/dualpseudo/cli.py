@@ -138,41 +138,12 @@ def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
     from .data.datasets import DataError
     from .guards import DivergenceError
-    from .stages import pipeline
+    from .rundir import RunDirError
 
     restore = _interrupt_on_sigterm()
     try:
-        if args.command == "sample":
-            _check_sample_args(args)
-        if args.command in ("run", "stage1", "stage2", "stage3"):
-            stages = pipeline.ALL_STAGES if args.command == "run" else (args.command,)
-            return pipeline.main(args.config, args.overrides, Path(args.run_dir), stages=stages,
-                                 force=args.force, dry_run=args.dry_run)
-        if args.command == "sample" and args.out_dir:
-            from .api import sample_files
-            written = sample_files(Path(args.run_dir), args.out_dir, classes=args.classes, num=args.per_class,
-                                   seed=args.seed, guidance_scale=args.guidance_scale, steps=args.steps,
-                                   sampler=args.sampler, formats=args.format, round=args.round)
-            print(f"{len(written)} files under {args.out_dir}")
-            return 0
-        if args.command == "predict":
-            from .api import predict_files
-            print(predict_files(Path(args.run_dir), args.paths, args.out, stage=args.stage, top_k=args.top_k,
-                                batch_size=args.batch_size))
-            return 0
-        if args.command == "export":
-            from .export import export_run
-            print(export_run(Path(args.run_dir), Path(args.out), torchscript=args.torchscript))
-            return 0
-        if args.command == "sample":
-            return pipeline.sample_grid(Path(args.run_dir), per_class=args.per_class, out=args.out,
-                                        guidance_scale=args.guidance_scale, steps=args.steps,
-                                        sampler=args.sampler, seed=args.seed, round=args.round)
-        if args.command == "eval":
-            return pipeline.evaluate_run(Path(args.run_dir), args.overrides)
-        if args.command == "report":
-            return pipeline.write_report(Path(args.run_dir))
-    except (ConfigError, DataError, ArtifactError, pipeline.RunDirError, DivergenceError) as e:
+        return _run_command(args)
+    except (ConfigError, DataError, ArtifactError, RunDirError, DivergenceError) as e:
         return _error(str(e))
     except Terminated:
         print("\ninterrupted (SIGTERM); rerun the same command to resume", file=sys.stderr)
@@ -196,6 +167,42 @@ def main(argv: list[str] | None = None) -> int:
         unlock_all()
         restore()
         shutdown()
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    """Call the library function of the parsed command; its exit code."""
+    if args.command == "sample":
+        _check_sample_args(args)
+    if args.command in ("run", "stage1", "stage2", "stage3"):
+        from .stages import pipeline
+        stages = pipeline.ALL_STAGES if args.command == "run" else (args.command,)
+        return pipeline.main(args.config, args.overrides, Path(args.run_dir), stages=stages,
+                             force=args.force, dry_run=args.dry_run)
+    if args.command == "sample" and args.out_dir:
+        from .api import sample_files
+        written = sample_files(Path(args.run_dir), args.out_dir, classes=args.classes, num=args.per_class,
+                               seed=args.seed, guidance_scale=args.guidance_scale, steps=args.steps,
+                               sampler=args.sampler, formats=args.format, round=args.round)
+        print(f"{len(written)} files under {args.out_dir}")
+        return 0
+    if args.command == "predict":
+        from .api import predict_files
+        print(predict_files(Path(args.run_dir), args.paths, args.out, stage=args.stage, top_k=args.top_k,
+                            batch_size=args.batch_size))
+        return 0
+    if args.command == "export":
+        from .export import export_run
+        print(export_run(Path(args.run_dir), Path(args.out), torchscript=args.torchscript))
+        return 0
+    from . import commands
+    if args.command == "sample":
+        return commands.sample_grid(Path(args.run_dir), per_class=args.per_class, out=args.out,
+                                    guidance_scale=args.guidance_scale, steps=args.steps,
+                                    sampler=args.sampler, seed=args.seed, round=args.round)
+    if args.command == "eval":
+        return commands.evaluate_run(Path(args.run_dir), args.overrides)
+    if args.command == "report":
+        return commands.write_report(Path(args.run_dir))
     return 1
 
 

@@ -17,6 +17,12 @@ from pathlib import Path
 
 from .artifacts import ArtifactError, atomic_write, write_json, write_text
 from .config import load_config
+from .rundir import RunDir
+from .stages.files import CLASSIFIER, DIFFUSION, ENCODER, METRICS, Metrics
+
+CLASS_NAMES = "class_names.json"
+MODEL_CARD = "MODEL_CARD.md"
+TORCHSCRIPT = "classifier.torchscript.pt"
 
 
 def _copy(src: Path, dst: Path) -> None:
@@ -30,40 +36,42 @@ def _pct(x) -> str:
 
 def export_run(run_dir: str | Path, out: str | Path, torchscript: bool = False) -> Path:
     """Write the export folder `out` (created; an existing non-empty folder is refused) from `run_dir`."""
-    from .api import CLASSIFIER, ENCODER, GENERATOR, load_classifier, metrics
+    from .api import load_classifier, metrics
 
-    root, out = Path(run_dir), Path(out)
-    if not (root / "config.yaml").is_file():
+    run, dest = RunDir(run_dir), RunDir(out)
+    root, out = run.root, dest.root
+    if not run.config.is_file():
         raise ArtifactError(f"{root} is not a run directory (no config.yaml)")
     if out.exists() and any(out.iterdir()):
         raise ArtifactError(f"{out} exists and is not empty; choose a new folder for the export")
-    stage = 3 if (root / "stage3" / CLASSIFIER).is_file() else 1
-    if not (root / f"stage{stage}" / CLASSIFIER).is_file():
+    stage = 3 if (run.stage("stage3") / CLASSIFIER).is_file() else 1
+    clf_stage = f"stage{stage}"
+    if not (run.stage(clf_stage) / CLASSIFIER).is_file():
         raise ArtifactError(f"{root} has no trained classifier yet; finish `dualpseudo run` first")
-    gen = root / "stage2" / GENERATOR
+    gen = run.stage("stage2") / DIFFUSION
     if not gen.is_file():
         raise ArtifactError(f"{gen} does not exist; finish stage 2 (`dualpseudo run`) first")
     clf = load_classifier(root, stage)                  # refuses files it could not load again
-    cfg = load_config(root / "config.yaml")
+    cfg = load_config(run.config)
     out.mkdir(parents=True, exist_ok=True)
-    _copy(root / "config.yaml", out / "config.yaml")
-    _copy(root / f"stage{stage}" / CLASSIFIER, out / f"stage{stage}" / CLASSIFIER)
+    _copy(run.config, dest.config)
+    _copy(run.stage(clf_stage) / CLASSIFIER, dest.stage(clf_stage) / CLASSIFIER)
     if clf.meta.get("encoder") == "ssl":
-        _copy(root / ENCODER, out / ENCODER)
+        _copy(run.encoder / ENCODER, dest.encoder / ENCODER)
     elif clf.meta.get("encoder") == "torchscript":
         raise ArtifactError(f"the classifier reads features of the TorchScript encoder "
                             f"{clf.meta.get('encoder_path')}, which the export cannot carry; share that file "
                             f"beside the run directory instead")
-    _copy(gen, out / "stage2" / GENERATOR)
+    _copy(gen, dest.stage("stage2") / DIFFUSION)
     from .diffuse.latent import AUTOENCODER
-    if (root / "stage2" / AUTOENCODER).is_file():
-        _copy(root / "stage2" / AUTOENCODER, out / "stage2" / AUTOENCODER)
+    if (run.stage("stage2") / AUTOENCODER).is_file():
+        _copy(run.stage("stage2") / AUTOENCODER, dest.stage("stage2") / AUTOENCODER)
     m = metrics(root)
-    write_json(out / "class_names.json", list(clf.class_names))
-    write_json(out / "metrics.json", m)
+    write_json(out / CLASS_NAMES, list(clf.class_names))
+    write_json(out / METRICS, m)
     if torchscript:
-        _torchscript(root, stage, clf, out / "classifier.torchscript.pt")
-    write_text(out / "MODEL_CARD.md", model_card(cfg, clf, m, stage, torchscript))
+        _torchscript(root, stage, clf, out / TORCHSCRIPT)
+    write_text(out / MODEL_CARD, model_card(cfg, clf, m, stage, torchscript))
     return out
 
 
@@ -75,7 +83,7 @@ def _torchscript(root: Path, stage: int, clf, path: Path) -> None:
     if clf.kind in ("linear-probe", "label-propagation"):
         raise ArtifactError(f"--torchscript: the {clf.kind} classifier is not a single network; export without "
                             f"--torchscript and load it with dualpseudo.load_classifier")
-    model, _ = load_network(root / f"stage{stage}" / "classifier.safetensors")
+    model, _ = load_network(RunDir(root).stage(f"stage{stage}") / CLASSIFIER)
 
     class Wrapped(torch.nn.Module):
         """uint8 (N, H, W, C) -> class probabilities (N, num_classes), float32."""
@@ -95,13 +103,14 @@ def _torchscript(root: Path, stage: int, clf, path: Path) -> None:
 
 
 def model_card(cfg, clf, m: dict, stage: int, torchscript: bool) -> str:
-    s1, s3, ev = m.get("stage1", {}), m.get(f"stage{stage}", {}), m.get("evaluation", {})
+    """MODEL_CARD.md from the config, the classifier and the run's metrics `m` (`api.metrics`)."""
+    s1, s3, ev = (Metrics(m.get(name, {})) for name in ("stage1", f"stage{stage}", "evaluation"))
     d = cfg.data
     labels = (f"the labeled indices in {d.labeled_indices}" if d.labeled_indices
               else f"{d.labels_per_class} per class (split seed {d.split_seed})")
-    fid = (ev.get("fid") or {}).get("fid")
-    cons = (ev.get("class_consistency") or {}).get("accuracy")
-    pl = (s1.get("pseudo_labels") or {}).get("accuracy")
+    fid = ev.fid["fid"]
+    cons = ev.class_consistency_accuracy
+    pl = s1.pseudo_label_accuracy
     lines = [
         "# Model card",
         "",
@@ -122,9 +131,8 @@ def model_card(cfg, clf, m: dict, stage: int, torchscript: bool) -> str:
         else "- no stage 3: the classifier is stage 1's",
         "",
         "## Measured (test split; never used to choose a model)",
-        f"- stage-1 test top-1: {_pct((s1.get('test') or {}).get('top1'))}; pseudo-label accuracy on the "
-        f"unlabeled pool: {_pct(pl)}",
-        f"- final classifier test top-1: {_pct((s3.get('test') or {}).get('top1'))}",
+        f"- stage-1 test top-1: {_pct(s1.test_top1)}; pseudo-label accuracy on the unlabeled pool: {_pct(pl)}",
+        f"- final classifier test top-1: {_pct(s3.test_top1)}",
         f"- generator: FID {fid:.2f}" if isinstance(fid, (int, float)) else "- generator: FID not measured",
         f"- class consistency of the pseudo-images (an oracle classifier agrees with the conditioning class): "
         f"{_pct(cons)}",

@@ -7,10 +7,12 @@ import html
 import json
 import os
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from .figures import bars_png, curves_png, heatmap_png, as_number
+from .stages.files import CLASSIFIER, DIFFUSION, GRID, METRICS, STATS, Metrics, PseudoImages, Split, wall_time_s
 
 
 # ------------------------------------------------------------------------------------------------ the run report
@@ -33,7 +35,7 @@ def write_report(run) -> Path:
 
     rounds = _rounds(run)
     cfg_text, cfg = _config(run)
-    s1 = _json(run.stage1 / "metrics.json")
+    s1 = Metrics.read(run.stage1)
     names = _artifact_class_names(run) or _class_names(_get(cfg, "data", "name"), _num_classes(run, rounds, s1))
     blocks: list[Block] = [("h", 1, f"DPT run report: {run.root.name}")]
     blocks += _headline(run, rounds, cfg, s1)
@@ -93,10 +95,9 @@ def _rounds(run) -> list[int]:
     return sorted(found)
 
 
-def _num_classes(run, rounds, s1) -> int | None:
-    candidates = [_get(s1, "pseudo_labels", "per_class_recall"), _get(s1, "test", "per_class_accuracy")]
-    candidates += [_get(_json(run.stage("evaluation", r) / "metrics.json"), "class_consistency", "per_class_accuracy")
-                   for r in rounds]
+def _num_classes(run, rounds, s1: Metrics) -> int | None:
+    candidates = [s1.pseudo_label_recall, s1.test_per_class_accuracy]
+    candidates += [Metrics.read(run.stage("evaluation", r)).class_consistency_per_class for r in rounds]
     return next((len(c) for c in candidates if isinstance(c, list) and c), None)
 
 
@@ -113,7 +114,7 @@ def _artifact_class_names(run) -> list[str] | None:
     """The class names a model file carries in its safetensors header (read without loading the tensors)."""
     from .artifacts import ArtifactError, weights_meta
 
-    for path in (run.stage1 / "classifier.safetensors", run.stage("stage2") / "diffusion.safetensors"):
+    for path in (run.stage1 / CLASSIFIER, run.stage("stage2") / DIFFUSION):
         try:
             metas = weights_meta(path)
         except ArtifactError:
@@ -131,16 +132,15 @@ def _labeled_images(run) -> dict[int, np.ndarray] | None:
     from .config import ConfigError, load_config
     from .data.datasets import DataError, load_dataset
 
-    split = _json(run.stage1 / "split.json")
-    per_class = split.get("per_class")
-    if not isinstance(per_class, dict):
+    split = Split.read(run.stage1)
+    if split is None or split.per_class is None:
         return None
     try:
         cfg = load_config(run.config)
         ds = load_dataset(cfg.data, cfg.evaluation.cache_dir)
-        if ds.fingerprint != split.get("dataset_fingerprint"):
+        if ds.fingerprint != split.dataset_fingerprint:
             return None
-        return {int(c): ds.train_images[np.asarray(ix, dtype=np.int64)] for c, ix in per_class.items()}
+        return {int(c): ds.train_images[np.asarray(ix, dtype=np.int64)] for c, ix in split.per_class.items()}
     except (ConfigError, DataError, OSError, ValueError, IndexError):
         return None
 
@@ -149,17 +149,17 @@ def _real_beside_generated(run, names: list[str], per_row: int = 10, real_per_ro
     """A PNG: one row per class, its labeled real images, a gap, then its first generated pseudo-images."""
     import io
 
-    from .artifacts import ArtifactError, load_npz
+    from .artifacts import ArtifactError
     from .figures import grid_image
 
     try:
-        gen = load_npz(run.stage("stage2") / "pseudo_images.npz", ("images", "labels"))
+        gen = PseudoImages.load(run.stage("stage2"))
     except ArtifactError:
         return None
     real = _labeled_images(run)
     if real is None:
         return None
-    images, labels = gen["images"], gen["labels"]
+    images, labels = gen.images, gen.labels
     h, w, c = images.shape[1:]
     blank = np.full((h, w, c), 255, np.uint8)
     tiles = []
@@ -211,16 +211,15 @@ def _secs(x) -> str:
     return f"{x:.1f} s" if x < 120 else f"{x / 60:.1f} min" if x < 7200 else f"{x / 3600:.2f} h"
 
 
-def _fid(ev: dict) -> str:
-    fid = ev.get("fid") if isinstance(ev.get("fid"), dict) else {"fid": ev.get("fid")}
-    if as_number(fid.get("fid")) is None:
+def _fid(ev: Metrics) -> str:
+    fid = ev.fid
+    if as_number(fid["fid"]) is None:
         return "not measured" if ev else NA
-    setting = lambda k: fid.get(k, ev.get(k))  # noqa: E731
-    parts = [f"{setting('num_samples')} samples" if setting("num_samples") is not None else None,
-             f"vs {fid['num_reference']} real" if fid.get("num_reference") is not None else None,
-             str(setting("sampler")) if setting("sampler") is not None else None,
-             f"{setting('steps')} steps" if setting("steps") is not None else None,
-             f"guidance {setting('guidance_scale')}" if setting("guidance_scale") is not None else None]
+    parts = [f"{fid['num_samples']} samples" if fid["num_samples"] is not None else None,
+             f"vs {fid['num_reference']} real" if fid["num_reference"] is not None else None,
+             str(fid["sampler"]) if fid["sampler"] is not None else None,
+             f"{fid['steps']} steps" if fid["steps"] is not None else None,
+             f"guidance {fid['guidance_scale']}" if fid["guidance_scale"] is not None else None]
     details = ", ".join(p for p in parts if p)
     return f"{fid['fid']:.2f}" + (f" ({details})" if details else "")
 
@@ -229,66 +228,72 @@ def _fid(ev: dict) -> str:
 NO_TEST = "not available: no test set (data.test_root)"
 
 
-def _unavailable(m: dict, section: str) -> str | None:
-    """'not available: <reason>' when a metric section says it could not be measured, else None."""
-    why = _get(m, section, "not_available")
-    return f"not available: {why}" if isinstance(why, str) else None
+def _unavailable(why: str | None) -> str | None:
+    """'not available: <reason>' when a metric could not be measured (`why`), else None."""
+    return None if why is None else f"not available: {why}"
 
 
-def _headline(run, rounds: list[int], cfg: dict, s1: dict) -> list[Block]:
-    split = _json(run.stage1 / "split.json")
+def _or_na(x) -> str:
+    return NA if x is None else str(x)
+
+
+def _headline_metrics() -> list[tuple[str, str, Callable[[Metrics], str]]]:
+    """(row label, the step whose metrics.json it reads, how it shows them) of the summary table."""
+    pr = lambda m, k: _f(m.precision_recall(k))  # noqa: E731
+    top1 = lambda m: _pct(m.test_top1) if m.has_test else NO_TEST  # noqa: E731
+    pseudo = lambda m: _unavailable(m.pseudo_labels_unavailable) or _pct(m.pseudo_label_accuracy)  # noqa: E731
+    return [
+        ("stage-1 test top-1", "stage1", top1),
+        ("stage-3 test top-1", "stage3", top1),
+        ("change vs stage 1", "stage3", lambda m: _pp(m.delta_top1)),
+        ("baseline: stage 3 with K real pseudo-labeled images instead (self-training)", "stage3_baseline",
+         lambda m: f"{_pct(m.test_top1)} ({_pp(m.delta_top1)})"),
+        ("pseudo-label accuracy, stage 1 (unlabeled pool)", "stage1", pseudo),
+        ("pseudo-label accuracy, stage 3 (unlabeled pool)", "stage3", pseudo),
+        ("pseudo-images used in stage 3", "stage3", lambda m: _or_na(m.num_pseudo_images)),
+        ("FID", "evaluation", _fid),
+        ("class consistency (oracle)", "evaluation",
+         lambda m: _unavailable(m.class_consistency_unavailable) or _pct(m.class_consistency_accuracy)),
+        ("pseudo-images in their class by stage 3's classifier (no oracle; it trained on them)", "evaluation",
+         lambda m: _pct(m.judged_by_stage3_accuracy)),
+        ("precision / recall", "evaluation", lambda m: f"{pr(m, 'precision')} / {pr(m, 'recall')}"),
+        ("density / coverage", "evaluation", lambda m: f"{pr(m, 'density')} / {pr(m, 'coverage')}"),
+        ("domain Fréchet distance (oracle features)", "evaluation", lambda m: _f(m.domain_fd, 2)),
+        ("oracle test top-1", "evaluation", lambda m: _pct(m.oracle_test_top1)),
+    ]
+
+
+def _headline(run, rounds: list[int], cfg: dict, s1: Metrics) -> list[Block]:
+    split = Split.read(run.stage1)
     info = [["dataset", str(_get(cfg, "data", "name", default=NA))],
             ["labels per class", str(_get(cfg, "data", "labels_per_class", default=NA))],
-            ["labeled images", str(split.get("num_labeled", NA))],
-            ["stage-1 learner / network", f"{s1.get('learner', NA)} / {s1.get('network', NA)}"],
+            ["labeled images", _or_na(split and split.num_labeled)],
+            ["stage-1 learner / network", f"{_or_na(s1.learner)} / {_or_na(s1.network)}"],
             ["DPT rounds", str(len(rounds))]]
     source = _get(cfg, "stage2", "label_source", default="pseudo")
     if source != "pseudo":                                   # a reference generator, not DPT
         info.append(["stage-2 training labels", LABEL_SOURCES.get(source, str(source))])
     out: list[Block] = [("h", 2, "Summary"), ("table", ["run", "value"], info)]
     if not s1:
-        out.append(("note", "Stage 1 not run yet (no stage1/metrics.json)."))
+        out.append(("note", f"Stage 1 not run yet (no stage1/{METRICS})."))
 
-    src = {"stage1": {r: s1 if r == 1 else None for r in rounds},      # stage 1 runs once, in round 1
-           "stage3": {r: _json(run.stage("stage3", r) / "metrics.json") for r in rounds},
-           "stage3_baseline": {r: _json(run.stage("stage3_baseline", r) / "metrics.json") for r in rounds},
-           "evaluation": {r: _json(run.stage("evaluation", r) / "metrics.json") for r in rounds}}
-    pr = lambda m, k: _f(_get(m, "precision_recall", k))  # noqa: E731
-    metrics = [
-        ("stage-1 test top-1", "stage1", lambda m: _pct(_get(m, "test", "top1")) if "test" in m else NO_TEST),
-        ("stage-3 test top-1", "stage3", lambda m: _pct(_get(m, "test", "top1")) if "test" in m else NO_TEST),
-        ("change vs stage 1", "stage3", lambda m: _pp(m.get("delta_top1"))),
-        ("baseline: stage 3 with K real pseudo-labeled images instead (self-training)", "stage3_baseline",
-         lambda m: f"{_pct(_get(m, 'test', 'top1'))} ({_pp(m.get('delta_top1'))})"),
-        ("pseudo-label accuracy, stage 1 (unlabeled pool)", "stage1",
-         lambda m: _unavailable(m, "pseudo_labels") or _pct(_get(m, "pseudo_labels", "accuracy"))),
-        ("pseudo-label accuracy, stage 3 (unlabeled pool)", "stage3",
-         lambda m: _unavailable(m, "pseudo_labels") or _pct(_get(m, "pseudo_labels", "accuracy"))),
-        ("pseudo-images used in stage 3", "stage3", lambda m: str(m.get("num_pseudo_images", NA))),
-        ("FID", "evaluation", _fid),
-        ("class consistency (oracle)", "evaluation", lambda m: _get(m, "not_available", "class_consistency",
-                                                                    default=None) and "not available: " +
-         m["not_available"]["class_consistency"] or _pct(_get(m, "class_consistency", "accuracy"))),
-        ("pseudo-images in their class by stage 3's classifier (no oracle; it trained on them)", "evaluation",
-         lambda m: _pct(_get(m, "judged_by_stage3", "accuracy")) if "judged_by_stage3" in m else NA),
-        ("precision / recall", "evaluation", lambda m: f"{pr(m, 'precision')} / {pr(m, 'recall')}"),
-        ("density / coverage", "evaluation", lambda m: f"{pr(m, 'density')} / {pr(m, 'coverage')}"),
-        ("domain Fréchet distance (oracle features)", "evaluation", lambda m: _f(m.get("domain_fd"), 2)),
-        ("oracle test top-1", "evaluation", lambda m: _pct(_get(m, "oracle", "test_top1"))),
-    ]
+    src = {"stage1": {r: s1 if r == 1 else None for r in rounds}}      # stage 1 runs once, in round 1
+    src.update({s: {r: Metrics.read(run.stage(s, r)) for r in rounds}
+                for s in ("stage3", "stage3_baseline", "evaluation")})
+    metrics = _headline_metrics()
     # An unconditional generator has no stage 3 and no class for its images to be consistent with.
     undefined = {label for label, stage, _ in metrics if source == "none" and
                  (stage == "stage3" or label.startswith("class consistency"))}
 
-    def cell(label: str, m: dict | None, fn) -> str:
+    def cell(label: str, m: Metrics | None, fn) -> str:
         if label in undefined:
             return "— (unconditional generator)"
-        if label.startswith("baseline:") and m == {}:
+        if label.startswith("baseline:") and m is not None and not m:
             return "not run (stage3.baseline: false)"
         return "" if m is None else fn(m) if m else "not run yet"
     rows = [[label] + [cell(label, src[stage][r], fn) for r in rounds] for label, stage, fn in metrics]
     for s in STAGES:
-        wall = [_get(_json(run.stage(s, r) / "manifest.json"), "wall_time_s") for r in rounds]
+        wall = [wall_time_s(run.stage(s, r)) for r in rounds]
         if s == "stage3" and source == "none":
             rows.append([f"wall time, {s}"] + [NA] * len(rounds))
             continue
@@ -306,7 +311,7 @@ def _grid_section(run, rounds: list[int], unconditional: bool = False,
                     "Each row one class: its labeled real images, then pseudo-images generated for it"))
     what = "Unconditional samples (rows are not classes)" if unconditional else "Samples, one row per class"
     for r in rounds:
-        path = run.stage("stage2", r) / "grid.png"
+        path = run.stage("stage2", r) / GRID
         tag = "" if r == 1 else f" (round {r})"
         try:
             out.append(("img", f"grid_round{r}.png", path.read_bytes(), f"{what}{tag}"))
@@ -319,27 +324,25 @@ def _curves_section(run, rounds: list[int]) -> list[Block]:
     out: list[Block] = [("h", 2, "Training curves")]
     what = {"encoder": "self-supervised encoder (SimCLR, no labels)", "stage1": "stage 1 (classifier)",
             "stage2": "stage 2 (diffusion)", "stage3": "stage 3 (classifier)"}
-    dirs = [("encoder", 1)] * (run.root / "encoder").is_dir() + [("stage1", 1)] + \
+    dirs = [("encoder", 1)] * run.encoder.is_dir() + [("stage1", 1)] + \
         [(s, r) for r in rounds for s in ("stage2", "stage3")]
     for s, r in dirs:
         d, title = run.stage(s, r), what[s] + ("" if r == 1 else f", round {r}")
-        rows = _stats(d / "stats.jsonl")
+        rows = _stats(d / STATS)
         png = curves_png(rows, title) if rows else None
-        learner = _json(d / "metrics.json").get("learner")
+        learner = Metrics.read(d).learner
         if png is None and learner in ("linear-probe", "label-propagation"):
             out.append(("note", f"{title}: {learner} is solved to convergence, not trained by steps (no curve)."))
         elif png is None:
-            out.append(("note", f"{title}: not run yet (no {(d / 'stats.jsonl').relative_to(run.root)})."))
+            out.append(("note", f"{title}: not run yet (no {(d / STATS).relative_to(run.root)})."))
         else:
             out.append(("img", f"curves_{s}_round{r}.png", png, f"{title}: logged training statistics"))
     return out
 
 
-def _per_class_section(run, rounds: list[int], s1: dict, names: list[str]) -> list[Block]:
+def _per_class_section(run, rounds: list[int], s1: Metrics, names: list[str]) -> list[Block]:
     out: list[Block] = [("h", 2, "Per-class results")]
-    pl = s1.get("pseudo_labels") if isinstance(s1.get("pseudo_labels"), dict) else {}
-    prec = pl.get("per_class_precision", pl.get("precision"))
-    rec = pl.get("per_class_recall", pl.get("recall"))
+    prec, rec = s1.pseudo_label_precision, s1.pseudo_label_recall
     if isinstance(prec, list) or isinstance(rec, list):
         series = {"precision": prec if isinstance(prec, list) else [], "recall": rec if isinstance(rec, list) else []}
         png = bars_png(series, names, "Stage-1 pseudo-labels (unlabeled pool)")
@@ -349,15 +352,15 @@ def _per_class_section(run, rounds: list[int], s1: dict, names: list[str]) -> li
 
     out += _per_class_table(run, rounds, s1, names)
 
-    matrices = [("pseudo-labels, stage 1 (unlabeled pool)", _get(pl, "confusion_matrix"), "cm_pseudo_labels.png"),
-                ("stage-1 test set", _get(s1, "test", "confusion"), "cm_stage1_test.png")]
+    matrices = [("pseudo-labels, stage 1 (unlabeled pool)", s1.pseudo_label_confusion, "cm_pseudo_labels.png"),
+                ("stage-1 test set", s1.test_confusion, "cm_stage1_test.png")]
     for r in rounds:
         tag = "" if r == 1 else f", round {r}"
-        s3 = _json(run.stage("stage3", r) / "metrics.json")
-        matrices.append((f"stage-3 test set{tag}", _get(s3, "test", "confusion"), f"cm_stage3_test_round{r}.png"))
+        s3 = Metrics.read(run.stage("stage3", r))
+        matrices.append((f"stage-3 test set{tag}", s3.test_confusion, f"cm_stage3_test_round{r}.png"))
         matrices.append((f"generated images{tag}: oracle prediction",
-                         _get(_json(run.stage("evaluation", r) / "metrics.json"), "class_consistency",
-                              "confusion_matrix"), f"cm_class_consistency_round{r}.png"))
+                         Metrics.read(run.stage("evaluation", r)).class_consistency_confusion,
+                         f"cm_class_consistency_round{r}.png"))
     gallery, missing = [], []
     for title, cm, fname in matrices:
         png = heatmap_png(cm, names, title) if cm is not None else None
@@ -373,17 +376,15 @@ def _per_class_section(run, rounds: list[int], s1: dict, names: list[str]) -> li
     return out
 
 
-def _per_class_table(run, rounds: list[int], s1: dict, names: list[str]) -> list[Block]:
+def _per_class_table(run, rounds: list[int], s1: Metrics, names: list[str]) -> list[Block]:
     """One row per class: pseudo-label precision/recall, test accuracy of stages 1 and 3, class consistency."""
-    cols = {"pseudo-label precision": _get(s1, "pseudo_labels", "per_class_precision"),
-            "pseudo-label recall": _get(s1, "pseudo_labels", "per_class_recall"),
-            "stage-1 test acc.": _get(s1, "test", "per_class_accuracy")}
+    cols = {"pseudo-label precision": s1.pseudo_label_precision,
+            "pseudo-label recall": s1.pseudo_label_recall,
+            "stage-1 test acc.": s1.test_per_class_accuracy}
     for r in rounds:
         tag = "" if len(rounds) == 1 else f" (round {r})"
-        cols[f"stage-3 test acc.{tag}"] = _get(_json(run.stage("stage3", r) / "metrics.json"), "test",
-                                                "per_class_accuracy")
-        cols[f"class consistency{tag}"] = _get(_json(run.stage("evaluation", r) / "metrics.json"),
-                                               "class_consistency", "per_class_accuracy")
+        cols[f"stage-3 test acc.{tag}"] = Metrics.read(run.stage("stage3", r)).test_per_class_accuracy
+        cols[f"class consistency{tag}"] = Metrics.read(run.stage("evaluation", r)).class_consistency_per_class
     cols = {k: v for k, v in cols.items() if isinstance(v, list) and v}
     if not cols or not names:
         return []

@@ -47,8 +47,18 @@ class RunDir:
         return self.stage("stage1")
 
     @property
+    def encoder(self) -> Path:
+        """The run's self-supervised encoder step (one for all rounds)."""
+        return self.root / "encoder"
+
+    @property
     def figures(self) -> Path:
         return self.root / "figures"
+
+    @property
+    def sample_grid(self) -> Path:
+        """Where `dualpseudo sample` writes its grid unless told otherwise."""
+        return self.root / "sample_grid.png"
 
     @property
     def report_html(self) -> Path:

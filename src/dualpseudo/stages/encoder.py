@@ -13,10 +13,11 @@ from pathlib import Path
 import torch
 
 from ..artifacts import atomic_write
-from ..classify.contrastive import ENCODER_FILE, STATS_FILE, save_encoder, train_encoder, trunk
+from ..classify.contrastive import save_encoder, train_encoder, trunk
 from ..config import ConfigError, ExperimentConfig, config_hash
 from ..data.datasets import Dataset
-from ..distributed import current
+from ..distributed import World
+from .files import ENCODER, STATS
 
 FEATURE_LEARNERS = ("linear-probe", "label-propagation")
 
@@ -57,20 +58,22 @@ def encoder_key(cfg: ExperimentConfig, ds: Dataset) -> str:
                         "precision": cfg.runtime.precision})
 
 
-def ensure_encoder(cfg: ExperimentConfig, ds: Dataset, out: Path, device: torch.device,
+def ensure_encoder(cfg: ExperimentConfig, ds: Dataset, out: Path, device: torch.device, *, world: World,
                    progress: bool = True) -> dict:
-    """Train (or reuse, or resume) the shared encoder and copy it into `out`; a summary for the manifest."""
-    world = current()
+    """Train (or reuse, or resume) the shared encoder and copy it into `out`; a summary for the manifest.
+
+    With several processes (`world`) all train; rank 0 writes."""
     key = encoder_key(cfg, ds)
     shared = Path(cfg.evaluation.cache_dir).expanduser() / "encoders" / key
     if world.is_main:
         shared.mkdir(parents=True, exist_ok=True)
     world.barrier()
-    trained = shared / ENCODER_FILE
+    trained = shared / ENCODER
     reused = trained.is_file()
     if not reused:
         model = train_encoder(cfg.encoder, ds.train_images, shared, hflip=cfg.data.hflip, device=device,
-                              precision=cfg.runtime.precision, seed=cfg.encoder.seed, progress=progress)
+                              precision=cfg.runtime.precision, seed=cfg.encoder.seed, progress=progress,
+                              world=world)
         if world.is_main:
             save_encoder(trained, model, {"network": cfg.encoder.network, "in_channels": ds.image_shape[2],
                                           "image_size": ds.image_shape[0], "objective": cfg.encoder.objective,
@@ -78,7 +81,7 @@ def ensure_encoder(cfg: ExperimentConfig, ds: Dataset, out: Path, device: torch.
         world.barrier()
     if world.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        for name in (ENCODER_FILE, STATS_FILE):
+        for name in (ENCODER, STATS):
             if (shared / name).is_file():
                 data = (shared / name).read_bytes()
                 atomic_write(out / name, lambda f, data=data: f.write(data))

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..artifacts import load_npz, write_json
 from ..classify.networks import NETWORKS
 from ..classify.train import load_classifier, predict, save_classifier, train_classifier
 from ..config import ConfigError, ExperimentConfig, Stage1Config, config_hash
@@ -26,6 +25,7 @@ from ..evaluate.domain import domain_feature_fn
 from ..evaluate.features import extract_features
 from ..evaluate.fid import fid_report, frechet_distance, feature_stats, reference_key, reference_stats
 from ..evaluate.prdc import precision_recall
+from .files import CLASSIFIER, Metrics, PseudoImages
 
 
 NO_ORACLE = "none"
@@ -51,7 +51,7 @@ def get_oracle(cfg: ExperimentConfig, ds: Dataset, cache: Path, device: torch.de
     key = config_hash({"dataset": ds.fingerprint, "oracle": s, "hflip": cfg.data.hflip,
                        "precision": cfg.runtime.precision})
     d = cache / f"oracle-{key}"
-    path = d / "classifier.safetensors"
+    path = d / CLASSIFIER
     if not path.is_file():
         model = train_classifier(s, x_lb=ds.train_images, y_lb=ds.train_labels, x_ulb=ds.train_images[:1],
                                  num_classes=ds.num_classes, hflip=cfg.data.hflip, out_dir=d, device=device,
@@ -82,15 +82,15 @@ def _pr_subsets(n_real: int, n_gen: int, cap: int) -> tuple[np.ndarray, np.ndarr
     return rng.permutation(n_real)[:n], rng.permutation(n_gen)[:n]
 
 
-def run_evaluation(cfg: ExperimentConfig, ds: Dataset, pseudo_images: Path, out: Path, device: torch.device,
+def run_evaluation(cfg: ExperimentConfig, ds: Dataset, stage2: Path, out: Path, device: torch.device,
                    progress: bool = True) -> dict:
-    """Write `out/metrics.json` for the pseudo-images of one round and return it."""
+    """Write `out/metrics.json` for the pseudo-images in `stage2` (one round's) and return it."""
     ev = cfg.evaluation
-    gen = load_npz(pseudo_images, ("images", "labels"))
-    images, labels = gen["images"], gen["labels"]
+    gen = PseudoImages.load(stage2)
+    images, labels = gen.images, gen.labels
     cache = Path(ev.cache_dir).expanduser()
     unconditional = bool(len(labels)) and bool((labels >= ds.num_classes).all())
-    guidance = float(gen["guidance_scale"]) if "guidance_scale" in gen else cfg.stage2.guidance_scale
+    guidance = cfg.stage2.guidance_scale if gen.guidance_scale is None else gen.guidance_scale
     metrics: dict = {"num_samples": int(len(labels)), "sampler": cfg.stage2.sampler, "steps": cfg.stage2.steps,
                      "guidance_scale": guidance, "unconditional": unconditional}
 
@@ -105,7 +105,7 @@ def run_evaluation(cfg: ExperimentConfig, ds: Dataset, pseudo_images: Path, out:
     if not ds.train_labels_known:             # an oracle needs every training image's true class
         metrics["not_available"] = {k: "no oracle: the training images' true classes are unknown (data.name=pool)"
                                     for k in ("class_consistency", "domain_fd")}
-        stage3 = out.parent / "stage3" / "classifier.safetensors"
+        stage3 = out.parent / "stage3" / CLASSIFIER
         if stage3.is_file() and not unconditional:
             from ..api import load_classifier
             judge = load_classifier(out.parent, stage=3, device=device)
@@ -146,5 +146,5 @@ def run_evaluation(cfg: ExperimentConfig, ds: Dataset, pseudo_images: Path, out:
             real_inc = features(inc, ds.train_images, np.sort(real_idx[real_sel]), "Inception (real, P/R)")
             metrics["precision_recall"] = {**precision_recall(real_inc, gen_inc[gen_sel], k=ev.pr_k),
                                            "features": inc.extractor_id}
-    write_json(out / "metrics.json", metrics)
+    Metrics(metrics).save(out)
     return metrics

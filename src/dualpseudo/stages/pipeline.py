@@ -4,9 +4,11 @@ A step is done when its manifest matches its config hash and the hashes of its i
 reads), so changing a stage-2 setting re-runs stages 2 and 3 and keeps stage 1. Rounds after the first repeat
 stages 2-3 with the newest classifier's pseudo-labels (`rounds: N`, beyond the paper).
 
-Under a data-parallel launch (`accelerate launch` / `torchrun`) every process runs every step; rank 0 decides
-what runs, writes the manifests and the report, and the others wait at barriers. A training state or artifact
-that fails to load is reported, deleted and rebuilt once (`_run_step`).
+Under a data-parallel launch (`accelerate launch` / `torchrun`) every process runs every step: `main` joins the
+process group and gives its `World` to every step; rank 0 decides what runs, writes the manifests and the
+report, and the others wait at barriers. A training state or artifact of a step's own folder that fails to load
+is reported, deleted and rebuilt once (`_run_step`). The files the steps exchange are `files.py`'s; the commands
+that work on a run directory afterwards (sample, eval, report) are `commands.py`'s.
 """
 from __future__ import annotations
 
@@ -22,16 +24,18 @@ import numpy as np
 import yaml
 
 from .. import __version__, distributed, runtime
-from ..artifacts import (ArtifactError, array_hash, file_hash, read_json, reset_if_stale, stage_status, write_json,
+from ..artifacts import (ArtifactError, array_hash, file_hash, reset_if_stale, stage_status, write_json,
                          write_manifest, write_text)
 from ..config import ConfigError, ExperimentConfig, config_hash, from_dict, load_config, to_dict, to_yaml
 from ..data.datasets import Dataset, DataError, DataMissingError, load_dataset
-from ..data.splits import labeled_split, read_indices, split_record
+from ..data.splits import labeled_split, read_indices
+from ..distributed import LOCAL, World
 from ..rundir import RunDir, RunDirError
 from ..rundir import lock as lock_run_dir
-from ..classify.contrastive import ENCODER_FILE
+from . import files
 from .checks import check_run, named_file_inputs
 from .encoder import check_feature_settings, encoder_key, ensure_encoder, needs_encoder
+from .files import CLASSIFIER, ENCODER, FEATURES, STATE, STATS, Metrics, PseudoImages, PseudoLabels, Split
 
 ALL_STAGES = ("stage1", "stage2", "stage3", "evaluation")  # (+ "encoder" before stage 1 when a learner needs it)
 
@@ -42,8 +46,9 @@ class Step:
     dir: Path
     config_hash: str
     inputs: Callable[[], dict[str, str]]   # hashes of the upstream files it reads (valid once upstream is done)
-    run: Callable[[], tuple[list[str], dict]]  # -> (output file names, summary for the manifest)
-    resumable: tuple[str, ...] = ("state.pt", "stats.jsonl")  # training state, dropped when hashes change
+    outputs: tuple[str, ...]               # the files of `dir` it writes, hashed into its manifest
+    run: Callable[[], dict]                # runs it -> the summary for its manifest
+    resumable: tuple[str, ...] = (STATE, STATS)  # training state, dropped when hashes change
 
 
 # ---------------------------------------------------------------------------------------------- run directory
@@ -74,7 +79,7 @@ def _damaged_config(run: RunDir, what: str) -> RunDirError:
                        f"--run-dir {run.root}` with the run's config (finished stages whose hashes match are reused)")
 
 
-def _lock(run: RunDir, world: distributed.World) -> bool:
+def _lock(run: RunDir, world: World) -> bool:
     """Rank 0 takes the run directory's lock for this command (RunDirError on every rank when another process
     holds it); True when held (False: a read-only directory without a lock file)."""
     held, err = False, None
@@ -146,13 +151,33 @@ def labeled_indices(cfg: ExperimentConfig, ds: Dataset) -> tuple[np.ndarray, str
     return idx, f"{cfg.data.labels_per_class} per class, seed {cfg.data.split_seed}"
 
 
-def build_steps(cfg: ExperimentConfig, run: RunDir, ds: Dataset, stages: tuple[str, ...], device) -> list[Step]:
-    """The steps needed for `stages`, upstream ones included, in order."""
-    from .pseudo_images import PSEUDO_IMAGES, run_stage2
-    from .pseudo_labels import PSEUDO_LABELS, fit_and_label
-    from .retrain import run_stage3
+@dataclass(frozen=True)
+class _Plan:
+    """What the steps of one plan share."""
+    cfg: ExperimentConfig
+    run: RunDir
+    ds: Dataset
+    device: object
+    world: World
+    idx: np.ndarray                  # the labeled split
+    source: str                      # how it was chosen (split.json's `source`)
+    encoder_file: Path | None        # the run's self-supervised encoder, when a learner reads its features
+    rt: dict                         # the runtime settings in every training step's hash
+    probe1: dict                     # the feature-learner config sections stage 1 depends on
+    probe3: dict                     # ... and stage 3
 
-    rt = {"seed": cfg.runtime.seed, "precision": cfg.runtime.precision}
+    def encoder_input(self) -> dict:
+        return {"encoder": _hash_or_missing(self.encoder_file)} if self.encoder_file else {}
+
+    @property
+    def stage1_features(self) -> Path | None:
+        """Stage 1's cache of the real images' features, shared with stage 3 (feature learners only)."""
+        return self.run.stage1 / FEATURES if self.probe1 else None
+
+
+def build_steps(cfg: ExperimentConfig, run: RunDir, ds: Dataset, stages: tuple[str, ...], device,
+                world: World = LOCAL) -> list[Step]:
+    """The steps needed for `stages`, upstream ones included, in order; they run on `world`'s processes."""
     last = max(ALL_STAGES.index(s) for s in stages)
     rounds = cfg.rounds if stages == ALL_STAGES else 1
     unconditional = cfg.stage2.label_source == "none"     # the unconditional reference generator has no stage 3
@@ -167,103 +192,122 @@ def build_steps(cfg: ExperimentConfig, run: RunDir, ds: Dataset, stages: tuple[s
     check_feature_settings(cfg, ds)
     check_run(cfg, ds, stages)                            # networks, image geometry, files the config names
     idx, source = labeled_indices(cfg, ds)
-    # an index file enters stage 1's inputs by content: editing it in place re-runs stage 1 and what follows
-    index_input = {"labeled_indices": array_hash(idx)} if cfg.data.labeled_indices else {}
-    s1 = run.stage1
-    steps: list[Step] = []
-    encoder_file = None
-    if needs_encoder(cfg):                                # the self-supervised encoder, shared across runs
-        enc_dir = run.root / "encoder"
-        encoder_file = enc_dir / ENCODER_FILE
-        steps.append(Step("encoder", enc_dir, encoder_key(cfg, ds), lambda: {"dataset": ds.fingerprint},
-                          lambda: ([ENCODER_FILE], ensure_encoder(cfg, ds, enc_dir, device)), resumable=()))
-    encoder_input = (lambda: {"encoder": _hash_or_missing(encoder_file)}) if encoder_file else (lambda: {})
-
-    def stage1() -> tuple[list[str], dict]:
-        if distributed.current().is_main:
-            write_json(s1 / "split.json", split_record(idx, ds.train_labels, ds.num_classes, ds.fingerprint,
-                                                       cfg.data.split_seed, source))
-        m = fit_and_label(cfg, ds, idx, s1, device, encoder_file=encoder_file)
-        return ["split.json", "classifier.safetensors", PSEUDO_LABELS, "metrics.json"], _summary(m)
-
     # The feature-learner settings enter a stage's hash only where they are used, so other runs keep their hashes.
     probe1 = _feature_sections(cfg, cfg.stage1.learner)
     probe3 = {**probe1, **_feature_sections(cfg, cfg.stage3.mode),
               **({"linear_probe": cfg.linear_probe} if cfg.stage3.filter == "agree" else {})}
-    steps.append(Step("stage1", s1, config_hash({"data": cfg.data, "stage1": cfg.stage1, **rt, **probe1}),
-                      lambda: {"dataset": ds.fingerprint, **encoder_input(), **index_input,
-                               **named_file_inputs(cfg, "stage1")}, stage1))
+    p = _Plan(cfg, run, ds, device, world, idx, source, run.encoder / ENCODER if needs_encoder(cfg) else None,
+              {"seed": cfg.runtime.seed, "precision": cfg.runtime.precision}, probe1, probe3)
+    steps = ([_encoder_step(p)] if p.encoder_file else []) + [_stage1_step(p)]
     if last < 1:
         return steps
-
     for r in range(1, rounds + 1):
-        labels_src = s1 / PSEUDO_LABELS if r == 1 else run.stage("stage3", r - 1) / PSEUDO_LABELS
-        d2, d3, de = run.stage("stage2", r), run.stage("stage3", r), run.stage("evaluation", r)
-        tag = "" if r == 1 else f"round{r}/"
-
-        def stage2(d2=d2, labels_src=labels_src):
-            src = labels_src if cfg.stage2.label_source == "pseudo" else None
-            m = run_stage2(cfg, ds, src, d2, device)
-            return [PSEUDO_IMAGES, "diffusion.safetensors", "grid.png"], m
-
-        def inputs2(labels_src=labels_src):
-            if cfg.stage2.label_source != "pseudo":
-                return {"dataset": ds.fingerprint, **named_file_inputs(cfg, "stage2")}
-            return {"pseudo_labels": _hash_or_missing(labels_src), **named_file_inputs(cfg, "stage2")}
-
-        latent = {"latent": cfg.latent} if cfg.latent.autoencoder != "none" else {}
-        steps.append(Step(f"{tag}stage2", d2, config_hash({"stage2": cfg.stage2, "hflip": cfg.data.hflip, **rt,
-                                                           **latent}),
-                          inputs2, stage2, resumable=()))
+        steps.append(_stage2_step(p, r, run.stage1 if r == 1 else run.stage("stage3", r - 1)))
         if last >= 2 and not unconditional:
-            def stage3(d2=d2, d3=d3):
-                base = _stage1_top1(s1)
-                shared = s1 / "features" if probe1 else None      # stage 1's cached features of the real images
-                m = run_stage3(cfg, ds, idx, d2 / PSEUDO_IMAGES, d3, device, base, feature_cache=shared,
-                               encoder_file=encoder_file, stage1_labels=s1 / PSEUDO_LABELS)
-                return ["classifier.safetensors", PSEUDO_LABELS, "metrics.json"], _summary(m)
-
-            s3_cfg = replace(cfg.stage3, baseline=False)          # the baseline is a step of its own
-            steps.append(Step(f"{tag}stage3", d3, config_hash({"stage3": s3_cfg, "stage1": cfg.stage1,
-                                                               "hflip": cfg.data.hflip, **rt, **probe3}),
-                              lambda d2=d2: {"pseudo_images": _hash_or_missing(d2 / PSEUDO_IMAGES),
-                                             "split": _hash_or_missing(s1 / "split.json"), **encoder_input(),
-                                             **_real_pseudo_input(cfg, s1 / PSEUDO_LABELS),
-                                             **named_file_inputs(cfg, "stage3")}, stage3))
+            steps.append(_stage3_step(p, r))
             if cfg.stage3.baseline and cfg.stage3.pseudo_source == "generated":
-                real = replace(cfg, stage3=replace(s3_cfg, pseudo_source="real"))
-                db = run.stage("stage3_baseline", r)
-
-                def baseline(d2=d2, db=db, real=real):
-                    shared = s1 / "features" if probe1 else None
-                    m = run_stage3(real, ds, idx, d2 / PSEUDO_IMAGES, db, device, _stage1_top1(s1),
-                                   feature_cache=shared, encoder_file=encoder_file, stage1_labels=s1 / PSEUDO_LABELS)
-                    return ["classifier.safetensors", PSEUDO_LABELS, "metrics.json"], _summary(m)
-
-                steps.append(Step(f"{tag}stage3-baseline", db, config_hash({
-                    "stage3": real.stage3, "stage1": cfg.stage1, "hflip": cfg.data.hflip, **rt, **probe3}),
-                    lambda: {"split": _hash_or_missing(s1 / "split.json"), **encoder_input(),
-                             **_real_pseudo_input(real, s1 / PSEUDO_LABELS), **named_file_inputs(cfg, "stage3")},
-                    baseline))
+                steps.append(_baseline_step(p, r))
         if last >= 3:
-            def evaluation(d2=d2, de=de):
-                from .evaluation import run_evaluation
-                if not distributed.current().is_main:       # evaluation runs on rank 0 alone
-                    return ["metrics.json"], {}
-                m = run_evaluation(cfg, ds, d2 / PSEUDO_IMAGES, de, device)
-                return ["metrics.json"], {"fid": m.get("fid", {}).get("fid"),
-                                          "class_consistency": (m["class_consistency"] or {}).get("accuracy"),
-                                          "precision": (m["precision_recall"] or {}).get("precision"),
-                                          "recall": (m["precision_recall"] or {}).get("recall")}
-
-            steps.append(Step(f"{tag}evaluation", de, config_hash({"evaluation": cfg.evaluation}),
-                              lambda d2=d2, d3=d3: {"pseudo_images": _hash_or_missing(d2 / PSEUDO_IMAGES),
-                                                    **named_file_inputs(cfg, "evaluation"),
-                                                    # a pool is judged by stage 3's classifier (no oracle)
-                                                    **({} if ds.train_labels_known else {"stage3": _hash_or_missing(
-                                                        d3 / "classifier.safetensors")})}, evaluation,
-                              resumable=()))
+            steps.append(_evaluation_step(p, r))
     return steps
+
+
+def _encoder_step(p: _Plan) -> Step:
+    """The self-supervised encoder, shared across runs (stages/encoder.py)."""
+    d = p.run.encoder
+    return Step("encoder", d, encoder_key(p.cfg, p.ds), lambda: {"dataset": p.ds.fingerprint}, (ENCODER,),
+                lambda: ensure_encoder(p.cfg, p.ds, d, p.device, world=p.world), resumable=())
+
+
+def _stage1_step(p: _Plan) -> Step:
+    from .pseudo_labels import run_stage1
+
+    cfg, ds, s1 = p.cfg, p.ds, p.run.stage1
+    # an index file enters stage 1's inputs by content: editing it in place re-runs stage 1 and what follows
+    index_input = {"labeled_indices": array_hash(p.idx)} if cfg.data.labeled_indices else {}
+
+    def run() -> dict:
+        return Metrics(run_stage1(cfg, ds, p.idx, p.source, s1, p.device, world=p.world,
+                                  encoder_file=p.encoder_file)).classifier_summary()
+
+    return Step("stage1", s1, config_hash({"data": cfg.data, "stage1": cfg.stage1, **p.rt, **p.probe1}),
+                lambda: {"dataset": ds.fingerprint, **p.encoder_input(), **index_input,
+                         **named_file_inputs(cfg, "stage1")}, files.STAGE1_OUTPUTS, run)
+
+
+def _stage2_step(p: _Plan, r: int, labels_dir: Path) -> Step:
+    """Round `r`'s diffusion model, trained on the pseudo-labels in `labels_dir` (the newest classifier's)."""
+    from .pseudo_images import run_stage2
+
+    cfg, ds, d2 = p.cfg, p.ds, p.run.stage("stage2", r)
+    pseudo = cfg.stage2.label_source == "pseudo"
+
+    def inputs() -> dict:
+        if not pseudo:
+            return {"dataset": ds.fingerprint, **named_file_inputs(cfg, "stage2")}
+        return {"pseudo_labels": _hash_or_missing(PseudoLabels.path(labels_dir)), **named_file_inputs(cfg, "stage2")}
+
+    latent = {"latent": cfg.latent} if cfg.latent.autoencoder != "none" else {}
+    return Step(f"{_tag(r)}stage2", d2, config_hash({"stage2": cfg.stage2, "hflip": cfg.data.hflip, **p.rt,
+                                                     **latent}), inputs, files.STAGE2_OUTPUTS,
+                lambda: run_stage2(cfg, ds, labels_dir if pseudo else None, d2, p.device, world=p.world),
+                resumable=())
+
+
+def _stage3_step(p: _Plan, r: int) -> Step:
+    """Round `r`'s retraining on real data plus that round's pseudo-images."""
+    cfg, s1, d2 = p.cfg, p.run.stage1, p.run.stage("stage2", r)
+    return _retrain_step(p, f"{_tag(r)}stage3", p.run.stage("stage3", r), cfg, replace(cfg.stage3, baseline=False),
+                         d2, lambda: {"pseudo_images": _hash_or_missing(PseudoImages.path(d2)),
+                                      "split": _hash_or_missing(Split.path(s1)), **p.encoder_input(),
+                                      **_real_pseudo_input(cfg, s1), **named_file_inputs(cfg, "stage3")})
+
+
+def _baseline_step(p: _Plan, r: int) -> Step:
+    """Stage 3 again with K real pseudo-labeled images per class instead of generated ones (self-training)."""
+    cfg, s1 = p.cfg, p.run.stage1
+    real = replace(cfg, stage3=replace(cfg.stage3, baseline=False, pseudo_source="real"))
+    return _retrain_step(p, f"{_tag(r)}stage3-baseline", p.run.stage("stage3_baseline", r), real, real.stage3,
+                         p.run.stage("stage2", r),
+                         lambda: {"split": _hash_or_missing(Split.path(s1)), **p.encoder_input(),
+                                  **_real_pseudo_input(real, s1), **named_file_inputs(cfg, "stage3")})
+
+
+def _retrain_step(p: _Plan, name: str, out: Path, run_cfg: ExperimentConfig, hashed_stage3, d2: Path,
+                  inputs: Callable[[], dict]) -> Step:
+    """A stage-3 step writing `out`: `run_cfg` runs, `hashed_stage3` (its stage3 section) enters the hash."""
+    def run() -> dict:
+        from .retrain import run_stage3
+        return Metrics(run_stage3(run_cfg, p.ds, p.idx, d2, out, p.device, _stage1_top1(p.run.stage1),
+                                  world=p.world, feature_cache=p.stage1_features, encoder_file=p.encoder_file,
+                                  stage1=p.run.stage1)).classifier_summary()
+
+    return Step(name, out, config_hash({"stage3": hashed_stage3, "stage1": p.cfg.stage1, "hflip": p.cfg.data.hflip,
+                                        **p.rt, **p.probe3}), inputs, files.STAGE3_OUTPUTS, run)
+
+
+def _evaluation_step(p: _Plan, r: int) -> Step:
+    """Round `r`'s evaluation of the pseudo-images (rank 0 alone)."""
+    cfg, ds = p.cfg, p.ds
+    d2, d3, de = p.run.stage("stage2", r), p.run.stage("stage3", r), p.run.stage("evaluation", r)
+
+    def run() -> dict:
+        from .evaluation import run_evaluation
+        if not p.world.is_main:                         # evaluation runs on rank 0 alone
+            return {}
+        return Metrics(run_evaluation(cfg, ds, d2, de, p.device)).evaluation_summary()
+
+    def inputs() -> dict:
+        return {"pseudo_images": _hash_or_missing(PseudoImages.path(d2)), **named_file_inputs(cfg, "evaluation"),
+                # a pool is judged by stage 3's classifier (no oracle)
+                **({} if ds.train_labels_known else {"stage3": _hash_or_missing(d3 / CLASSIFIER)})}
+
+    return Step(f"{_tag(r)}evaluation", de, config_hash({"evaluation": cfg.evaluation}), inputs,
+                files.EVALUATION_OUTPUTS, run, resumable=())
+
+
+def _tag(r: int) -> str:
+    return "" if r == 1 else f"round{r}/"
 
 
 def _feature_sections(cfg: ExperimentConfig, learner: str) -> dict:
@@ -275,9 +319,9 @@ def _feature_sections(cfg: ExperimentConfig, learner: str) -> dict:
     return {}
 
 
-def _real_pseudo_input(cfg: ExperimentConfig, stage1_labels: Path) -> dict:
+def _real_pseudo_input(cfg: ExperimentConfig, stage1: Path) -> dict:
     """Stage 3's extra input when it takes real images with stage 1's labels (`pseudo_source: real`)."""
-    return {"stage1_labels": _hash_or_missing(stage1_labels)} if cfg.stage3.pseudo_source == "real" else {}
+    return {"stage1_labels": _hash_or_missing(PseudoLabels.path(stage1))} if cfg.stage3.pseudo_source == "real" else {}
 
 
 def _hash_or_missing(path: Path) -> str:
@@ -285,14 +329,7 @@ def _hash_or_missing(path: Path) -> str:
 
 
 def _stage1_top1(s1: Path) -> float | None:
-    try:
-        return read_json(s1 / "metrics.json").get("test", {}).get("top1")
-    except ArtifactError:
-        return None
-
-
-def _summary(m: dict) -> dict:
-    return {"test_top1": m.get("test", {}).get("top1"), "pseudo_label_accuracy": m.get("pseudo_labels", {}).get("accuracy")}
+    return Metrics.read(s1).test_top1
 
 
 def plan(steps: list[Step]) -> list[tuple[str, str]]:
@@ -308,7 +345,7 @@ def plan(steps: list[Step]) -> list[tuple[str, str]]:
     return out
 
 
-# ---------------------------------------------------------------------------------------------- entry points
+# ---------------------------------------------------------------------------------------------- running
 def main(config_path: str, overrides: list[str], run_root: Path, stages: tuple[str, ...] = ALL_STAGES,
          force: bool = False, dry_run: bool = False) -> int:
     """`dualpseudo run|stage1|stage2|stage3`: returns the process exit code."""
@@ -324,45 +361,54 @@ def main(config_path: str, overrides: list[str], run_root: Path, stages: tuple[s
         raise ConfigError(lacking[0])
     ds = load_dataset(cfg.data, cfg.evaluation.cache_dir)
     device = runtime.setup(cfg.runtime)
-    world, device = distributed.init(device)
+    world, device = distributed.init(device)            # this process's place in a launch, given to every step
     locked = _lock(run, world)                          # one run per directory, held until the command ends
-    steps = build_steps(cfg, run, ds, stages, device)
+    steps = build_steps(cfg, run, ds, stages, device, world)
     say = (lambda msg: print(msg, flush=True)) if world.is_main else (lambda msg: None)
     if world.is_main:
-        run.root.mkdir(parents=True, exist_ok=True)
-        for tmp in run.root.rglob(".*.tmp") if locked else ():   # left by a writer that was killed; never read
-            try:
-                tmp.unlink(missing_ok=True)
-            except OSError:                                  # a read-only directory: they stay unread there
-                pass
-        write_text(run.config, to_yaml(cfg))                 # not rewritten when unchanged (read-only reuse)
+        _prepare(run, cfg, locked)
     world.barrier()
     for s in steps:
-        inputs = s.inputs()
-        done, why = world.broadcast(stage_status(s.dir, s.config_hash, inputs) if world.is_main else None)
-        if done:
-            say(f"[{s.name}] reused: done, hashes match")
-            continue
-        say(f"[{s.name}] running ({why})")
-        if world.is_main:
-            _write_env(run, f"{device} x {world.size} processes" if world.distributed else str(device))
-            s.dir.mkdir(parents=True, exist_ok=True)
-            if s.resumable and reset_if_stale(s.dir, {"config": s.config_hash, "inputs": inputs}, s.resumable):
-                say(f"[{s.name}] dropped a training state made with other settings")
-        world.barrier()
-        t0 = time.time()
-        outputs, summary = _run_step(s, world)
-        if world.is_main:
-            write_manifest(s.dir, s.config_hash, inputs, outputs,
-                           {"wall_time_s": round(time.time() - t0, 1), "summary": summary})
-        world.barrier()
-        say(f"[{s.name}] done in {time.time() - t0:.0f}s: {json.dumps(summary, default=str)}")
+        _execute(s, run, world, device, say)
     if stages == ALL_STAGES and world.is_main:
-        from ..report import write_report as _write_report
-        path = _write_report(run)
-        print(f"report: {path}")
+        from ..report import write_report
+        print(f"report: {write_report(run)}")
     world.barrier()
     return 0
+
+
+def _prepare(run: RunDir, cfg: ExperimentConfig, locked: bool) -> None:
+    """Create the run directory, drop temp files a killed writer left (never read), write the config."""
+    run.root.mkdir(parents=True, exist_ok=True)
+    for tmp in run.root.rglob(".*.tmp") if locked else ():
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:                                  # a read-only directory: they stay unread there
+            pass
+    write_text(run.config, to_yaml(cfg))                 # not rewritten when unchanged (read-only reuse)
+
+
+def _execute(s: Step, run: RunDir, world: World, device, say: Callable[[str], None]) -> None:
+    """Reuse a step whose manifest matches, else run it (resuming a matching training state) and record it."""
+    inputs = s.inputs()
+    done, why = world.broadcast(stage_status(s.dir, s.config_hash, inputs) if world.is_main else None)
+    if done:
+        say(f"[{s.name}] reused: done, hashes match")
+        return
+    say(f"[{s.name}] running ({why})")
+    if world.is_main:
+        _write_env(run, f"{device} x {world.size} processes" if world.distributed else str(device))
+        s.dir.mkdir(parents=True, exist_ok=True)
+        if s.resumable and reset_if_stale(s.dir, {"config": s.config_hash, "inputs": inputs}, s.resumable):
+            say(f"[{s.name}] dropped a training state made with other settings")
+    world.barrier()
+    t0 = time.time()
+    summary = _run_step(s, world)
+    if world.is_main:
+        write_manifest(s.dir, s.config_hash, inputs, list(s.outputs),
+                       files.step_record(summary, wall_time_s=round(time.time() - t0, 1)))
+    world.barrier()
+    say(f"[{s.name}] done in {time.time() - t0:.0f}s: {json.dumps(summary, default=str)}")
 
 
 def _dry_run(cfg: ExperimentConfig, run: RunDir, stages: tuple[str, ...]) -> int:
@@ -380,15 +426,15 @@ def _dry_run(cfg: ExperimentConfig, run: RunDir, stages: tuple[str, ...]) -> int
     except DataMissingError as e:                      # not there yet: the plan says where it goes
         ds = None
         lacking.append(f"data: {e}")
-    files = missing_files(cfg, stages)                 # (a missing labeled-index file among them)
+    absent = missing_files(cfg, stages)                # (a missing labeled-index file among them)
     steps = None
     if ds is not None:
         try:
             steps = build_steps(cfg, run, ds, stages, torch.device("cpu"))
         except DataError:
-            if not files:                              # bad data (not absent data) fails the dry run too
+            if not absent:                             # bad data (not absent data) fails the dry run too
                 raise
-    lacking += files
+    lacking += absent
     if int(os.environ.get("RANK", 0)) != 0:
         return 0
     print(to_yaml(cfg))
@@ -407,85 +453,20 @@ def _dry_run(cfg: ExperimentConfig, run: RunDir, stages: tuple[str, ...]) -> int
     return 0
 
 
-def _run_step(s: Step, world: distributed.World) -> tuple[list[str], dict]:
-    """Run a step; when one of its own files fails to load (ArtifactError), delete that file and run it again.
+def _run_step(s: Step, world: World) -> dict:
+    """Run a step; when one of its own files fails to load (an ArtifactError whose `path` is a file inside the
+    step's folder: training state, snapshot, chunk...), delete that file and run the step again.
 
-    Only a file inside the step's own folder is deleted (training state, snapshot, chunk...); an error about
-    anything else, or a second failure, propagates.
+    An error about anything else or about no file in particular, or a second failure, propagates.
     """
     try:
         return s.run()
     except ArtifactError as e:
-        own = sorted((p for p in s.dir.rglob("*") if p.is_file()), key=lambda p: -len(str(p)))
-        bad = next((p for p in own if str(p) in str(e)), None)
-        if bad is None:
+        bad = e.path
+        if bad is None or not bad.is_file() or not bad.resolve().is_relative_to(s.dir.resolve()):
             raise
         if world.is_main:
             print(f"[{s.name}] warning: {e}; deleted {bad.name}, rebuilding", file=sys.stderr, flush=True)
             bad.unlink(missing_ok=True)
         world.barrier()
     return s.run()
-
-
-def sample_grid(run_root: Path, *, per_class: int, out: str | None, guidance_scale: float | None,
-                steps: int | None, sampler: str | None, seed: int, round: int = 1) -> int:
-    """`dualpseudo sample`: a grid with one row per class from a run's diffusion model."""
-    from ..diffuse.generate import generate
-    from ..diffuse.train import load_diffusion
-    from ..figures import save_grid
-
-    run = RunDir(run_root)
-    cfg = load_run_config(run)
-    path = run.stage("stage2", round) / "diffusion.safetensors"
-    if not path.is_file():
-        raise RunDirError(f"{path} does not exist; run `dualpseudo stage2` for this run directory first")
-    device = runtime.setup(cfg.runtime)
-    ema, meta = load_diffusion(path)
-    decode = None
-    if "latent" in meta:
-        from ..diffuse.latent import load_latent_decoder
-        decode = load_latent_decoder(meta, path.parent, device)
-    C = meta["num_classes"]
-    labels = np.repeat(np.arange(C), per_class)
-    seeds = seed + np.arange(len(labels))
-    images = generate(ema.to(device), labels, seeds, sampler=sampler or cfg.stage2.sampler,
-                      steps=steps or cfg.stage2.steps,
-                      guidance_scale=cfg.stage2.guidance_scale if guidance_scale is None else guidance_scale,
-                      batch_size=cfg.stage2.sample_batch_size, device=device, precision=cfg.runtime.precision,
-                      decode=decode)
-    target = Path(out) if out else run.root / "sample_grid.png"
-    save_grid(target, images, rows=C, row_names=meta.get("class_names"))
-    print(target)
-    return 0
-
-
-def evaluate_run(run_root: Path, overrides: list[str]) -> int:
-    """`dualpseudo eval`: (re-)evaluate every round's pseudo-images of a run directory."""
-    run = RunDir(run_root)
-    cfg = load_run_config(run)
-    lock_run_dir(run.root)
-    if overrides:
-        cfg = load_config(run.config, overrides)
-    ds = load_dataset(cfg.data, cfg.evaluation.cache_dir)
-    device = runtime.setup(cfg.runtime)
-    steps = [s for s in build_steps(cfg, run, ds, ALL_STAGES, device) if s.name.endswith("evaluation")]
-    for s in steps:
-        if not (s.dir.parent / "stage2" / "pseudo_images.npz").is_file():
-            raise RunDirError(f"{s.dir.parent / 'stage2'} has no pseudo_images.npz; run stage 2 first")
-        outputs, summary = s.run()
-        if not stage_status(s.dir, s.config_hash, s.inputs())[0]:   # unchanged results keep their manifest
-            write_manifest(s.dir, s.config_hash, s.inputs(), outputs, {"summary": summary})
-        print(f"[{s.name}] {json.dumps(summary, default=str)}")
-    from ..report import write_report as _write_report
-    print(_write_report(run))                         # the report shows the new evaluation
-    return 0
-
-
-def write_report(run_root: Path) -> int:
-    """`dualpseudo report`."""
-    from ..report import write_report as _write_report
-
-    run = RunDir(run_root)
-    load_run_config(run)
-    print(_write_report(run))
-    return 0

@@ -15,21 +15,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..artifacts import array_hash, load_npz, reset_if_stale, save_npz
+from ..artifacts import array_hash, concerning, reset_if_stale
 from ..config import ExperimentConfig, config_hash
 from ..data.datasets import Dataset
-from ..distributed import current
+from ..distributed import World
 from ..diffuse.generate import generate_chunks
 from ..diffuse.train import load_diffusion, save_diffusion, train_diffusion
 from ..figures import save_grid
+from .files import DIFFUSION, GRID, STATE, STATS, PseudoImages, PseudoLabels
 
-DIFFUSION = "diffusion.safetensors"
-PSEUDO_IMAGES = "pseudo_images.npz"
-GRID = "grid.png"
-TRAIN_FILES = ("state.pt", "stats.jsonl", DIFFUSION)
+TRAIN_FILES = (STATE, STATS, DIFFUSION)
 
 
-def conditioning_labels(cfg: ExperimentConfig, ds: Dataset, pseudo: dict[str, np.ndarray] | None) -> np.ndarray:
+def conditioning_labels(cfg: ExperimentConfig, ds: Dataset, pseudo: PseudoLabels | None) -> np.ndarray:
     """Training labels for the diffusion model; `ds.num_classes` is the null (unconditional) class."""
     null = ds.num_classes
     source = cfg.stage2.label_source
@@ -37,8 +35,8 @@ def conditioning_labels(cfg: ExperimentConfig, ds: Dataset, pseudo: dict[str, np
         return ds.train_labels.copy()
     if source == "none":
         return np.full(len(ds.train_labels), null, dtype=np.int64)
-    labels = pseudo["label"].astype(np.int64).copy()
-    low = (pseudo["confidence"] < cfg.stage2.min_confidence) & ~pseudo["is_labeled"]
+    labels = pseudo.label.astype(np.int64).copy()
+    low = (pseudo.confidence < cfg.stage2.min_confidence) & ~pseudo.is_labeled
     labels[low] = null
     return labels
 
@@ -51,23 +49,24 @@ def sample_seeds(cfg: ExperimentConfig, num_classes: int) -> tuple[np.ndarray, n
     return labels, seeds
 
 
-def run_stage2(cfg: ExperimentConfig, ds: Dataset, pseudo_path: Path | None, out: Path, device: torch.device,
-               progress: bool = True) -> dict:
-    """Train (or resume, or reuse) the diffusion model in `out` and write pseudo_images.npz and grid.png.
+def run_stage2(cfg: ExperimentConfig, ds: Dataset, labels_dir: Path | None, out: Path, device: torch.device, *,
+               world: World, progress: bool = True) -> dict:
+    """Train (or resume, or reuse) the diffusion model in `out` on the pseudo-labels in `labels_dir` (None: the
+    label source needs none) and write pseudo_images.npz and grid.png; a summary for the manifest.
 
-    With several processes all train (data parallel) and each samples the chunks k = rank, rank + size, ...;
-    rank 0 then assembles them (per-image seeds: the same images as one process) and writes; the others return {}.
+    With several processes (`world`) all train (data parallel) and each samples the chunks k = rank,
+    rank + size, ...; rank 0 then assembles them (per-image seeds: the same images as one process) and writes;
+    the others return {}.
     """
-    world = current()
     s2 = cfg.stage2
-    pseudo = load_npz(pseudo_path, ("label", "confidence", "is_labeled")) if pseudo_path else None
+    pseudo = PseudoLabels.load(labels_dir) if labels_dir else None
     labels = conditioning_labels(cfg, ds, pseudo)
     train_key = {"stage2_train": config_hash(s2, exclude=SAMPLING_FIELDS), "seed": cfg.runtime.seed,
                  "precision": cfg.runtime.precision, "hflip": cfg.data.hflip,
                  "labels": array_hash(labels), "dataset": ds.fingerprint}
     data, decode, image_shape, latent_meta = ds.train_images, None, None, {}
     if cfg.latent.autoencoder != "none":                # latent diffusion: train/load the autoencoder, cache latents
-        data, decode, latent_meta = _latents(cfg, ds, out, device, progress)
+        data, decode, latent_meta = _latents(cfg, ds, out, device, world, progress)
         train_key["latent"] = config_hash(cfg.latent)
         image_shape = tuple(ds.image_shape)
     retrained = world.broadcast(reset_if_stale(out, train_key, TRAIN_FILES) if world.is_main else None)
@@ -78,9 +77,10 @@ def run_stage2(cfg: ExperimentConfig, ds: Dataset, pseudo_path: Path | None, out
     if (out / DIFFUSION).is_file() and not retrained:
         ema = load_diffusion(out / DIFFUSION)[0].to(device)
     else:
-        ema = train_diffusion(s2, images=data, labels=labels, num_classes=ds.num_classes, out_dir=out,
-                              device=device, precision=cfg.runtime.precision, seed=cfg.runtime.seed,
-                              hflip=cfg.data.hflip, progress=progress, compile=cfg.runtime.compile)
+        with concerning(out / STATE):                  # the loop names its refused state only in the message
+            ema = train_diffusion(s2, images=data, labels=labels, num_classes=ds.num_classes, out_dir=out,
+                                  device=device, precision=cfg.runtime.precision, seed=cfg.runtime.seed,
+                                  hflip=cfg.data.hflip, progress=progress, world=world, compile=cfg.runtime.compile)
         if world.is_main:
             save_diffusion(out / DIFFUSION, ema, meta)
 
@@ -107,8 +107,7 @@ def run_stage2(cfg: ExperimentConfig, ds: Dataset, pseudo_path: Path | None, out
             return {}
     images = generate_chunks(ema, gen_labels, seeds, out / "chunks", s2.sample_chunk, progress=progress,
                              **sampling)
-    save_npz(out / PSEUDO_IMAGES, images=images, labels=gen_labels, seeds=seeds,
-             sampler=np.array(s2.sampler), steps=np.array(s2.steps), guidance_scale=np.array(guidance))
+    PseudoImages(images, gen_labels, seeds, s2.sampler, s2.steps, guidance).save(out)
     K = s2.images_per_class
     cols = min(K, 10)
     grid_idx = (np.arange(ds.num_classes)[:, None] * K + np.arange(cols)[None]).reshape(-1)
@@ -119,19 +118,19 @@ def run_stage2(cfg: ExperimentConfig, ds: Dataset, pseudo_path: Path | None, out
             "conditional_fraction": float((labels < ds.num_classes).mean())}
 
 
-def _latents(cfg: ExperimentConfig, ds: Dataset, out: Path, device: torch.device,
+def _latents(cfg: ExperimentConfig, ds: Dataset, out: Path, device: torch.device, world: World,
              progress: bool = True) -> tuple[np.ndarray, object, dict]:
     """(scaled latents (N, h, w, c), their decoder, snapshot meta); rank 0 makes the cache, the others read it."""
-    from ..diffuse.latent import latent_decoder, prepare_latents
+    from ..diffuse.latent import AE_STATE, latent_decoder, prepare_latents
 
-    world = current()
     kw = dict(data_key=ds.fingerprint, seed=cfg.runtime.seed, sigma_data=cfg.stage2.sigma_data, device=device,
               progress=progress and world.is_main)
-    if world.distributed:
-        if world.is_main:
-            prepare_latents(cfg.latent, ds.train_images, out, **kw)
-        world.barrier()
-    ae, latents, scale = prepare_latents(cfg.latent, ds.train_images, out, **kw)
+    with concerning(out / AE_STATE):                  # the autoencoder's refused training state, if any
+        if world.distributed:
+            if world.is_main:
+                prepare_latents(cfg.latent, ds.train_images, out, **kw)
+            world.barrier()
+        ae, latents, scale = prepare_latents(cfg.latent, ds.train_images, out, **kw)
     meta = {"latent": {"autoencoder": cfg.latent.autoencoder, "autoencoder_path": cfg.latent.autoencoder_path,
                        "scale": scale, "image_shape": list(ds.image_shape)}}
     return latents, latent_decoder(ae, scale, device), meta

@@ -20,40 +20,38 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..artifacts import save_npz, save_weights, write_json
+from ..artifacts import concerning, save_weights
 from ..classify import graph
 from ..classify.linear import build_encoder, cached_features, fit_objective, fit_probe, probe_predict, save_probe
 from ..classify.train import predict, save_classifier, train_classifier
 from ..config import ExperimentConfig
-from ..distributed import current
+from ..distributed import World
 from ..guards import check_outputs
 from ..data.datasets import Dataset
 from .encoder import FEATURE_LEARNERS
+from .files import CLASSIFIER, FEATURES, STATE, Metrics, PseudoLabels, Split
 from ..evaluate.classification import confusion_matrix, per_class_accuracy, pseudo_label_report, top1
-
-PSEUDO_LABELS = "pseudo_labels.npz"
-CLASSIFIER = "classifier.safetensors"
-METRICS = "metrics.json"
 
 
 def fit_and_label(cfg: ExperimentConfig, ds: Dataset, labeled_idx: np.ndarray, out: Path, device: torch.device, *,
                   x_pseudo: np.ndarray | None = None, y_pseudo: np.ndarray | None = None,
                   learner: str | None = None, iterations: int | None = None, pseudo_fraction: float = 0.0,
-                  feature_cache: Path | None = None, encoder_file: Path | None = None,
+                  feature_cache: Path | None = None, encoder_file: Path | None = None, world: World,
                   progress: bool = True) -> dict:
-    """Train the classifier into `out`, write classifier, pseudo-labels and metrics; return the metrics.
+    """The learner of stages 1 and 3: train the classifier into `out`, write it and the pseudo-labels, and
+    return the metrics (each stage writes its own metrics.json).
 
     `feature_cache` (linear probe): where the real images' features are cached, default `out/features`; stage 3
     passes stage 1's cache, whose shards are reused when their keys (extractor, image hash) match.
 
-    With several processes all train (data parallel); rank 0 alone labels, measures and writes, the others
-    return {}.
+    With several processes (`world`) all train (data parallel); rank 0 alone labels, measures and writes, the
+    others return {}.
     """
     s1 = cfg.stage1 if learner is None else replace(cfg.stage1, learner=learner)
     if s1.learner in FEATURE_LEARNERS:
-        if not current().is_main:                       # features and fits are cheap: rank 0 alone runs them
+        if not world.is_main:                           # features and fits are cheap: rank 0 alone runs them
             return {}
-        features = _feature_fn(cfg, device, out, feature_cache or out / "features", encoder_file, progress)
+        features = _feature_fn(cfg, device, out, feature_cache or out / FEATURES, encoder_file, progress)
         fit = _fit_and_label_probe if s1.learner == "linear-probe" else _fit_and_label_graph
         return fit(cfg, ds, labeled_idx, out, features, x_pseudo, y_pseudo)
     x_lb, y_lb = ds.train_images[labeled_idx], ds.train_labels[labeled_idx]
@@ -63,12 +61,13 @@ def fit_and_label(cfg: ExperimentConfig, ds: Dataset, labeled_idx: np.ndarray, o
             raise ValueError("stage1.init=encoder needs the trained encoder's file (the pipeline passes it)")
         from ..classify.contrastive import load_encoder
         init = load_encoder(encoder_file)[0]
-    model = train_classifier(
-        s1, x_lb=x_lb, y_lb=y_lb, x_ulb=ds.train_images, num_classes=ds.num_classes, hflip=cfg.data.hflip,
-        out_dir=out, device=device, precision=cfg.runtime.precision, seed=cfg.runtime.seed,
-        x_pseudo=x_pseudo, y_pseudo=y_pseudo, pseudo_fraction=pseudo_fraction, iterations=iterations,
-        progress=progress, init_weights=init)
-    if not current().is_main:
+    with concerning(out / STATE):                      # the loop names its refused state only in the message
+        model = train_classifier(
+            s1, x_lb=x_lb, y_lb=y_lb, x_ulb=ds.train_images, num_classes=ds.num_classes, hflip=cfg.data.hflip,
+            out_dir=out, device=device, precision=cfg.runtime.precision, seed=cfg.runtime.seed,
+            x_pseudo=x_pseudo, y_pseudo=y_pseudo, pseudo_fraction=pseudo_fraction, iterations=iterations,
+            progress=progress, world=world, init_weights=init)
+    if not world.is_main:
         return {}
     save_classifier(out / CLASSIFIER, model, {
         "network": s1.network, "num_classes": ds.num_classes, "in_channels": ds.image_shape[2],
@@ -85,7 +84,6 @@ def fit_and_label(cfg: ExperimentConfig, ds: Dataset, labeled_idx: np.ndarray, o
                                  "final EMA (no selection on the test split)")
     metrics["learner"] = s1.learner
     metrics["network"] = s1.network
-    write_json(out / METRICS, metrics)
     return metrics
 
 
@@ -100,7 +98,7 @@ def _label_and_measure(ds: Dataset, labeled_idx: np.ndarray, out: Path, probs: n
     is_labeled[labeled_idx] = True
     check_outputs(probs, is_labeled, out.name, "Lower stage1.lr or use runtime.precision=fp32, then rerun")
     label[is_labeled], confidence[is_labeled] = ds.train_labels[is_labeled], 1.0
-    save_npz(out / PSEUDO_LABELS, label=label, confidence=confidence, is_labeled=is_labeled)
+    PseudoLabels(label, confidence, is_labeled).save(out)
 
     metrics = label_metrics(label, confidence, is_labeled, ds)
     if test_probs is not None:
@@ -167,7 +165,6 @@ def _fit_and_label_probe(cfg: ExperimentConfig, ds: Dataset, labeled_idx: np.nda
     metrics["linear_probe"] = {**features.meta, "feature_dim": int(f_train.shape[1]),
                                "l2_strength": lp.l2_strength, "num_fit_images": int(len(y_fit)),
                                "fit_objective": fit_objective(probe, f_fit, y_fit, lp.l2_strength)}
-    write_json(out / METRICS, metrics)
     return metrics
 
 
@@ -225,7 +222,6 @@ def _fit_and_label_graph(cfg: ExperimentConfig, ds: Dataset, labeled_idx: np.nda
                         "num_nodes": int(len(nodes)), "num_labeled_nodes": int(len(labeled)),
                         "pseudo_weight": cfg.stage3.pseudo_weight if len(labeled) > len(labeled_idx) else None,
                         "class_offsets": result["offsets"].tolist()}
-    write_json(out / METRICS, metrics)
     return metrics
 
 
@@ -240,3 +236,17 @@ def label_metrics(label: np.ndarray, confidence: np.ndarray, is_labeled: np.ndar
         report = pseudo_label_report(label, ds.train_labels, pool, ds.num_classes)
     report["mean_confidence"] = float(confidence[pool].mean()) if pool.any() else None
     return {"pseudo_labels": report}
+
+
+def run_stage1(cfg: ExperimentConfig, ds: Dataset, labeled_idx: np.ndarray, source: str, out: Path,
+               device: torch.device, *, world: World, encoder_file: Path | None = None,
+               progress: bool = True) -> dict:
+    """Stage 1: write the labeled split (`source` says how it was chosen), fit the learner on it and label every
+    training image; write and return the metrics (rank 0; the other ranks return {})."""
+    if world.is_main:
+        Split.of(labeled_idx, ds.train_labels, ds.num_classes, ds.fingerprint, cfg.data.split_seed, source).save(out)
+    metrics = fit_and_label(cfg, ds, labeled_idx, out, device, encoder_file=encoder_file, world=world,
+                            progress=progress)
+    if world.is_main:
+        Metrics(metrics).save(out)
+    return metrics

@@ -11,6 +11,9 @@ ImageNet recipe; the unlabeled real images only give the centring mean and recei
 takes, for every class, the K real unlabeled images that stage 1 labeled that class most confidently (plain
 self-training with the same number of extra labeled images). `filter: agree` keeps only the pseudo-images that
 an independent judge puts in the class they were generated for (`pseudo_labels.judge_agreement`).
+
+Stage 3 is stage 1's counterpart over the same learner (`pseudo_labels.fit_and_label`, which writes the
+classifier and the pseudo-labels and returns the metrics): each stage writes its own metrics.json once.
 """
 from __future__ import annotations
 
@@ -19,21 +22,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..artifacts import load_npz, write_json
 from ..config import ExperimentConfig
-from ..distributed import current
 from ..data.datasets import Dataset
-from .pseudo_labels import METRICS, fit_and_label, judge_agreement
+from ..distributed import World
+from .files import FEATURES, Metrics, PseudoImages, PseudoLabels
+from .pseudo_labels import fit_and_label, judge_agreement
 
-LEARNER_OF_MODE = {"supervised": "supervised", "linear-probe": "linear-probe",
-                   "label-propagation": "label-propagation"}          # ssl: stage 1's own learner
+
+def stage3_learner(cfg: ExperimentConfig) -> str:
+    """The learner stage 3 fits: stage 1's for `mode: ssl`, else the one the mode names."""
+    return cfg.stage1.learner if cfg.stage3.mode == "ssl" else cfg.stage3.mode
 
 
-def most_confident_real(pseudo_labels: dict, per_class: int, num_classes: int) -> np.ndarray:
+def most_confident_real(pseudo_labels: PseudoLabels | dict, per_class: int, num_classes: int) -> np.ndarray:
     """Indices of the `per_class` unlabeled images with the highest confidence for each class (by label).
 
     Ties break by index; a class with fewer pseudo-labeled images gives all it has. Returns (<= C * K,) int."""
-    label, conf, is_lb = pseudo_labels["label"], pseudo_labels["confidence"], pseudo_labels["is_labeled"]
+    pl = pseudo_labels if isinstance(pseudo_labels, PseudoLabels) else PseudoLabels(**pseudo_labels)
+    label, conf, is_lb = pl.label, pl.confidence, pl.is_labeled
     out = []
     for c in range(num_classes):
         idx = np.flatnonzero((label == c) & ~is_lb)
@@ -42,41 +48,42 @@ def most_confident_real(pseudo_labels: dict, per_class: int, num_classes: int) -
     return np.concatenate(out).astype(np.int64)
 
 
-def run_stage3(cfg: ExperimentConfig, ds: Dataset, labeled_idx: np.ndarray, pseudo_images: Path, out: Path,
-               device: torch.device, baseline_top1: float | None, progress: bool = True,
+def run_stage3(cfg: ExperimentConfig, ds: Dataset, labeled_idx: np.ndarray, stage2: Path, out: Path,
+               device: torch.device, baseline_top1: float | None, *, world: World, progress: bool = True,
                feature_cache: Path | None = None, encoder_file: Path | None = None,
-               stage1_labels: Path | None = None) -> dict:
-    """Fit the classifier on real + pseudo-images; metrics include the change of test top-1 against stage 1."""
+               stage1: Path | None = None) -> dict:
+    """Fit the classifier on real + pseudo-images (`stage2`'s, or with `pseudo_source: real` the most confident
+    of `stage1`'s pseudo-labels); write and return the metrics, which include the change of test top-1 against
+    stage 1's `baseline_top1` (rank 0; the other ranks return {})."""
     s3 = cfg.stage3
     if s3.pseudo_source == "real":
-        pl = load_npz(stage1_labels, ("label", "confidence", "is_labeled"))
+        pl = PseudoLabels.load(stage1)
         pick = most_confident_real(pl, cfg.stage2.images_per_class, ds.num_classes)
-        x_pseudo, y_pseudo = ds.train_images[pick], pl["label"][pick]
+        x_pseudo, y_pseudo = ds.train_images[pick], pl.label[pick]
     else:
-        gen = load_npz(pseudo_images, ("images", "labels"))
-        x_pseudo, y_pseudo = gen["images"], gen["labels"]
+        gen = PseudoImages.load(stage2)
+        x_pseudo, y_pseudo = gen.images, gen.labels
     kept = None
     if s3.filter == "agree":                  # rank 0 judges, every rank trains on the same kept images
-        world = current()
         keep = world.broadcast(judge_agreement(
-            cfg, ds, labeled_idx, out, device, x_pseudo, y_pseudo, feature_cache=feature_cache or out / "features",
+            cfg, ds, labeled_idx, out, device, x_pseudo, y_pseudo, feature_cache=feature_cache or out / FEATURES,
             encoder_file=encoder_file, progress=progress) if world.is_main else None)
         kept = {"kept": int(keep.sum()), "of": int(len(keep)),
                 "kept_per_class": np.bincount(np.asarray(y_pseudo)[keep], minlength=ds.num_classes).tolist()}
         x_pseudo, y_pseudo = x_pseudo[keep], np.asarray(y_pseudo)[keep]
     metrics = fit_and_label(
-        cfg, ds, labeled_idx, out, device, x_pseudo=x_pseudo, y_pseudo=y_pseudo,
-        learner=LEARNER_OF_MODE.get(s3.mode), iterations=s3.iterations or None, pseudo_fraction=s3.pseudo_fraction,
-        feature_cache=feature_cache, encoder_file=encoder_file, progress=progress)
-    if not current().is_main:
+        cfg, ds, labeled_idx, out, device, x_pseudo=x_pseudo, y_pseudo=y_pseudo, learner=stage3_learner(cfg),
+        iterations=s3.iterations or None, pseudo_fraction=s3.pseudo_fraction, feature_cache=feature_cache,
+        encoder_file=encoder_file, world=world, progress=progress)
+    if not world.is_main:
         return metrics
     metrics["mode"] = s3.mode
     metrics["pseudo_source"] = s3.pseudo_source
     metrics["num_pseudo_images"] = int(len(y_pseudo))
     if kept is not None:
         metrics["filter"] = {"rule": "agree", **kept}
-    if baseline_top1 is not None and "test" in metrics:
+    if baseline_top1 is not None and Metrics(metrics).has_test:
         metrics["stage1_test_top1"] = baseline_top1
-        metrics["delta_top1"] = metrics["test"]["top1"] - baseline_top1
-    write_json(out / METRICS, metrics)
+        metrics["delta_top1"] = Metrics(metrics).test_top1 - baseline_top1
+    Metrics(metrics).save(out)
     return metrics

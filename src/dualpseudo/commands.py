@@ -1,0 +1,89 @@
+"""The commands that work on an existing run directory: `dualpseudo sample` (grid), `eval` and `report`.
+
+Each returns the process exit code; `cli.py` parses the arguments and calls them. The pipeline's own command
+(`run` / `stage1-3`) is `stages.pipeline.main`; `predict`, `sample --out-dir` and `export` are in the API.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from . import runtime
+from .rundir import RunDir, RunDirError
+
+
+def sample_grid(run_root: Path, *, per_class: int, out: str | None, guidance_scale: float | None,
+                steps: int | None, sampler: str | None, seed: int, round: int = 1) -> int:
+    """`dualpseudo sample`: a grid with one row per class from a run's diffusion model."""
+    from .diffuse.generate import generate
+    from .diffuse.train import load_diffusion
+    from .figures import save_grid
+    from .stages.files import DIFFUSION
+    from .stages.pipeline import load_run_config
+
+    run = RunDir(run_root)
+    cfg = load_run_config(run)
+    path = run.stage("stage2", round) / DIFFUSION
+    if not path.is_file():
+        raise RunDirError(f"{path} does not exist; run `dualpseudo stage2` for this run directory first")
+    device = runtime.setup(cfg.runtime)
+    ema, meta = load_diffusion(path)
+    decode = None
+    if "latent" in meta:
+        from .diffuse.latent import load_latent_decoder
+        decode = load_latent_decoder(meta, path.parent, device)
+    C = meta["num_classes"]
+    labels = np.repeat(np.arange(C), per_class)
+    seeds = seed + np.arange(len(labels))
+    images = generate(ema.to(device), labels, seeds, sampler=sampler or cfg.stage2.sampler,
+                      steps=steps or cfg.stage2.steps,
+                      guidance_scale=cfg.stage2.guidance_scale if guidance_scale is None else guidance_scale,
+                      batch_size=cfg.stage2.sample_batch_size, device=device, precision=cfg.runtime.precision,
+                      decode=decode)
+    target = Path(out) if out else run.sample_grid
+    save_grid(target, images, rows=C, row_names=meta.get("class_names"))
+    print(target)
+    return 0
+
+
+def evaluate_run(run_root: Path, overrides: list[str]) -> int:
+    """`dualpseudo eval`: (re-)evaluate every round's pseudo-images of a run directory (one process)."""
+    from .artifacts import stage_status, write_manifest
+    from .config import load_config
+    from .data.datasets import load_dataset
+    from .rundir import lock
+    from .stages.files import PSEUDO_IMAGES, PseudoImages, step_record
+    from .stages.pipeline import ALL_STAGES, build_steps, load_run_config
+
+    run = RunDir(run_root)
+    cfg = load_run_config(run)
+    lock(run.root)
+    if overrides:
+        cfg = load_config(run.config, overrides)
+    ds = load_dataset(cfg.data, cfg.evaluation.cache_dir)
+    device = runtime.setup(cfg.runtime)
+    steps = [s for s in build_steps(cfg, run, ds, ALL_STAGES, device) if s.name.endswith("evaluation")]
+    for s in steps:
+        stage2 = s.dir.parent / "stage2"
+        if not PseudoImages.path(stage2).is_file():
+            raise RunDirError(f"{stage2} has no {PSEUDO_IMAGES}; run stage 2 first")
+        summary = s.run()
+        if not stage_status(s.dir, s.config_hash, s.inputs())[0]:   # unchanged results keep their manifest
+            write_manifest(s.dir, s.config_hash, s.inputs(), list(s.outputs), step_record(summary))
+        print(f"[{s.name}] {json.dumps(summary, default=str)}")
+    from .report import write_report as _write_report
+    print(_write_report(run))                         # the report shows the new evaluation
+    return 0
+
+
+def write_report(run_root: Path) -> int:
+    """`dualpseudo report`."""
+    from .report import write_report as _write_report
+    from .stages.pipeline import load_run_config
+
+    run = RunDir(run_root)
+    load_run_config(run)
+    print(_write_report(run))
+    return 0
