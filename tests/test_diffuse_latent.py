@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from dualpseudo.artifacts import ArtifactError
 from dualpseudo.diffuse.latent import (SD_FILES, KLAutoencoder, SDAutoencoder, decode_latents, encode_images,
                                        latent_scale, load_autoencoder, save_autoencoder, train_autoencoder)
 
@@ -60,11 +61,12 @@ def test_autoencoder_training_resumes_to_the_same_weights(tmp_path):
     assert len(log_b) == 8 and [r["loss"] for r in log_b] == pytest.approx([r["loss"] for r in log_a], rel=1e-5)
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
-    # a state saved under another key is not resumed: training starts over from the model's own weights
+    # a state saved under another key is refused (the stage deletes it and rebuilds), never silently resumed
     other = fresh(init_seed=1)
-    log_c = train_autoencoder(other, images, steps=8, state_path=state, key="other", **kw)
-    assert len(log_c) == 8 and log_c[0]["loss"] != pytest.approx(log_a[0]["loss"], rel=1e-5)
-    assert not torch.allclose(other.decoder[-1].weight, straight.decoder[-1].weight)
+    before = [p.detach().clone() for p in other.parameters()]
+    with pytest.raises(ArtifactError, match="written with another key"):
+        train_autoencoder(other, images, steps=8, state_path=state, key="other", **kw)
+    assert all(torch.equal(a, b) for a, b in zip(before, other.parameters()))
 
 
 def test_missing_stable_diffusion_vae_names_the_files(tmp_path):

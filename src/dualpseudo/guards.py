@@ -2,9 +2,10 @@
 outputs collapsed, and the truthful note on which training state is kept.
 
 A training loop checks its weights (not only its loss) before every checkpoint, so a saved state always holds
-finite weights and the state on disk is the last good one; the classifier's outputs are checked before they
-become pseudo-labels. A failure raises `DivergenceError`, which the command line reports as one `error:` line;
-the stage is not marked done.
+finite weights and the state on disk is the last good one (`training.DivergenceGuard`, built on `finite` and
+`kept_state`); the classifier's outputs are checked before they become pseudo-labels (`check_outputs`). A
+failure raises `DivergenceError`, which the command line reports as one `error:` line; the stage is not marked
+done.
 """
 from __future__ import annotations
 

@@ -20,7 +20,6 @@ a pure function of (seed, step). With several processes each rank contrasts its 
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -31,15 +30,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..artifacts import (ArtifactError, file_hash, load_state, load_weights, read_log, save_state, save_weights,
-                         write_text)
+from ..artifacts import ArtifactError, file_hash, load_weights, save_weights
 from ..config import EncoderConfig, hashable_dict
 from ..distributed import World, current
-from ..guards import DivergenceError, finite, kept_state
 from ..runtime import autocast
+from ..training import (DivergenceGuard, EpochSampler, StatsLog, generator_states, load_training_state,
+                        restore_generator, save_training_state, to_float, uint8_nchw)
 from . import augment
 from .networks import build_network
-from .train import EpochSampler, _param_groups, _to_device_uint8, _to_float
+from .train import param_groups
 
 ENCODER_FILE = "encoder.safetensors"
 STATE_FILE = "state.pt"
@@ -113,26 +112,6 @@ def _resume_key(cfg: EncoderConfig, shape: tuple, num_images: int, seed: int) ->
     return {"encoder": d, "image_shape": list(shape), "num_images": num_images, "seed": seed}
 
 
-def _load_state(path: Path, key: dict, model: nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator,
-                world: World, device: torch.device) -> int:
-    """Restore a saved training state into model/opt/gen; returns its step (0 when there is none)."""
-    if not path.is_file():
-        return 0
-    state = load_state(path, map_location=device)
-    if not isinstance(state, dict) or state.get("resume_key") != key:
-        raise ArtifactError(f"{path} was written with other encoder settings or images; delete it to start over")
-    try:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        ranks = state["rng"]
-        if world.rank < len(ranks):
-            gen.set_state(ranks[world.rank].cpu())
-        return int(state["step"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        raise ArtifactError(f"{path} is not a usable encoder training state ({type(e).__name__}: "
-                            f"{str(e)[:200]}); delete it to start over") from None
-
-
 def train_encoder(cfg: EncoderConfig, images: np.ndarray, out_dir: str | Path, *, hflip: bool,
                   device: str | torch.device, precision: str, seed: int, stop_at: int | None = None,
                   progress: bool = True, world: World | None = None) -> ContrastiveModel:
@@ -143,7 +122,7 @@ def train_encoder(cfg: EncoderConfig, images: np.ndarray, out_dir: str | Path, *
     world = current() if world is None else world
     device = torch.device(device)
     out_dir = Path(out_dir)
-    data = _to_device_uint8(images, "encoder images", device)                     # (N, C, H, W) uint8
+    data = uint8_nchw(images, "encoder images", device)                          # (N, C, H, W) uint8
     _, C, H, W = data.shape
     world.per_rank(cfg.batch_size, "encoder.batch_size")
     if cfg.batch_size > len(data):
@@ -151,68 +130,68 @@ def train_encoder(cfg: EncoderConfig, images: np.ndarray, out_dir: str | Path, *
     part = slice(world.rank, None, world.size)
     sampler = EpochSampler(len(data), cfg.batch_size, seed + 7)
 
+    # model, optimizer, augmentation generator; resume
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = ContrastiveModel(cfg.network, C, H, cfg.proj_dim)
     model = model.to(device, memory_format=torch.channels_last).train()
     forward = world.wrap(model, device)
-    opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
     gen = torch.Generator(device=device).manual_seed(seed + 31 + 1_000_003 * world.rank)
     key = _resume_key(cfg, (C, H, W), len(data), seed)
     state_path, stats_path = out_dir / STATE_FILE, out_dir / STATS_FILE
-    step = _load_state(state_path, key, model, opt, gen, world, device)
-    stats = read_log(stats_path, step, rewrite=world.is_main) if step else []
-    good = step if step else None                       # the step of the state on disk, None before the first
+
+    def restore(state: dict) -> int:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        restore_generator(gen, state["rng"], world)
+        return int(state["step"])
+
+    step = load_training_state(state_path, key, restore, what="encoder", differs="other encoder settings or images",
+                               map_location=device) or 0
+    stats = StatsLog.resume(stats_path, step, world=world) if step else StatsLog(stats_path, world=world)
+    guard = DivergenceGuard("encoder", "Lower encoder.lr", state_path, step if step else None, world=world,
+                            device=device)
 
     def checkpoint() -> None:
-        nonlocal good
-        if not world.all_true(finite(model), device):           # a saved state always holds finite weights
-            bar.close()
-            raise DivergenceError(f"encoder: non-finite weights after step {step} (the training diverged); "
-                                  f"{kept_state(state_path, good)}. Lower encoder.lr")
-        ranks = [s.cpu() for s in world.gather(gen.get_state().cpu())] if world.distributed else [gen.get_state()]
-        if world.is_main:
-            save_state(state_path, {"step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                                    "rng": ranks, "resume_key": key})
-        good = step
+        guard.check_weights(model, at=f"after step {step}")      # a saved state always holds finite weights
+        save_training_state(state_path, {"step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                                         "rng": generator_states(gen, world), "resume_key": key}, world=world)
+        guard.saved(step)
 
+    # training loop
     total = cfg.steps
     end = total if stop_at is None else min(total, stop_at)
     warmup = max(1, int(0.05 * total))
-    bar = tqdm(total=total, initial=step, disable=not progress or not world.is_main, desc="encoder simclr",
-               dynamic_ncols=True)
     t_log, window = time.time(), []
-    while step < end:
-        lr = cfg.lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / total))
-        for g in opt.param_groups:
-            g["lr"] = lr
-        x = _to_float(data[sampler.batch(step)[part].to(device)])                 # (B, C, H, W)
-        inputs = torch.cat([view(x, gen, cfg, hflip), view(x, gen, cfg, hflip)])   # (2B, C, H, W)
-        with autocast(device, precision):
-            z = forward(inputs.contiguous(memory_format=torch.channels_last))
-        loss = nt_xent(z, cfg.temperature)
-        if not world.all_true(torch.isfinite(loss), device):
-            bar.close()
-            raise DivergenceError(f"encoder: non-finite loss at step {step}; {kept_state(state_path, good)}. "
-                                  f"Lower encoder.lr")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        step += 1
-        bar.update(1)
-        window.append(loss.detach())
-        if step % cfg.log_every == 0 or step == end:
-            now = time.time()
-            mean = float(torch.stack(window).mean())
-            stats.append(json.dumps({"step": step, "loss": mean, "lr": lr,
-                                     "steps_per_s": round(len(window) / max(now - t_log, 1e-9), 3)}))
-            if world.is_main:
-                write_text(stats_path, "\n".join(stats) + "\n")
-            bar.set_postfix(loss=f"{mean:.3f}")
-            t_log, window = now, []
-        if step % cfg.checkpoint_every == 0 or step == end:
-            checkpoint()
-    bar.close()
+    with tqdm(total=total, initial=step, disable=not progress or not world.is_main, desc="encoder simclr",
+              dynamic_ncols=True) as bar:
+        while step < end:
+            lr = cfg.lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / total))
+            for g in opt.param_groups:
+                g["lr"] = lr
+            x = to_float(data[sampler.batch(step)[part].to(device)])                   # (B, C, H, W)
+            inputs = torch.cat([view(x, gen, cfg, hflip), view(x, gen, cfg, hflip)])   # (2B, C, H, W)
+            with autocast(device, precision):
+                z = forward(inputs.contiguous(memory_format=torch.channels_last))
+            loss = nt_xent(z, cfg.temperature)
+            guard.check(loss, f"loss at step {step}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            bar.update(1)
+            window.append(loss.detach())
+            if step % cfg.log_every == 0 or step == end:
+                now = time.time()
+                mean = float(torch.stack(window).mean())
+                stats.append({"step": step, "loss": mean, "lr": lr,
+                              "steps_per_s": round(len(window) / max(now - t_log, 1e-9), 3)})
+                stats.write()
+                bar.set_postfix(loss=f"{mean:.3f}")
+                t_log, window = now, []
+            if step % cfg.checkpoint_every == 0 or step == end:
+                checkpoint()
     return model.eval()
 
 
@@ -244,7 +223,7 @@ class EncoderFeatures(nn.Module):
         self.extractor_id = f"ssl:{file_hash(path)}:{precision}"
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = _to_float(images.permute(0, 3, 1, 2)).contiguous(memory_format=torch.channels_last)
+        x = to_float(images.permute(0, 3, 1, 2)).contiguous(memory_format=torch.channels_last)
         with autocast(x.device, self.precision):
             h = self.net(x)
         return h.float()

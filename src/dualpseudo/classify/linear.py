@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from ..artifacts import ArtifactError, array_hash, file_hash, load_npz, load_weights, save_npz, save_weights
 from ..evaluate.features import as_nhwc_uint8, extract_features
 from ..runtime import autocast
+from ..training import to_unit
 
 ENCODERS = ("pixels", "inception", "torchscript")
 META_KEY = "dualpseudo_classifier"
@@ -46,7 +47,7 @@ class PixelFeatures(nn.Module):
     extractor_id = "pixels"
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return images.reshape(len(images), -1).float() / 255.0
+        return to_unit(images.reshape(len(images), -1))
 
 
 class TorchScriptFeatures(nn.Module):
@@ -67,7 +68,7 @@ class TorchScriptFeatures(nn.Module):
         self.extractor_id = f"torchscript:{file_hash(path)}:{precision}"
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.permute(0, 3, 1, 2).float() / 255.0                    # (N, C, H, W) in [0, 1]
+        x = to_unit(images.permute(0, 3, 1, 2))                           # (N, C, H, W) in [0, 1]
         with autocast(x.device, self.precision):
             feats = self.net(x)
         if isinstance(feats, (tuple, list)):

@@ -13,10 +13,15 @@
   p_model an EMA of their batch mean and p_target the labeled images' class distribution (uniform for a
   `labels_per_class` split). It counters a classifier that predicts a few classes for most unlabeled images.
   Its state is the explicit `DistAlign`.
+
+`ssl_step` is one training step's loss of any of them, from the logits of the labeled, weak and strong views; it
+takes the threshold and alignment states and returns their updated copies (the states are never changed in place
+by a mask or a loss).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -61,22 +66,28 @@ class FreeMatchThreshold:
         return cls(uniform.mean(), uniform.clone(), uniform.clone(), momentum)
 
     @torch.no_grad()
-    def update(self, probs_x_ulb_w: torch.Tensor) -> None:
-        """EMA-update tau, p~ and h~ with the weak-view probabilities (U, C) of one batch."""
+    def updated(self, probs_x_ulb_w: torch.Tensor) -> "FreeMatchThreshold":
+        """A new state: tau, p~ and h~ EMA-updated with the weak-view probabilities (U, C) of one batch."""
         m = self.momentum
         max_probs, max_idx = probs_x_ulb_w.max(dim=-1)
-        self.time_p = self.time_p * m + (1 - m) * max_probs.mean()
-        self.p_model = self.p_model * m + (1 - m) * probs_x_ulb_w.mean(dim=0)
         hist = torch.bincount(max_idx, minlength=self.p_model.shape[0]).to(self.p_model.dtype)
-        self.label_hist = self.label_hist * m + (1 - m) * hist / hist.sum()
+        return FreeMatchThreshold(time_p=self.time_p * m + (1 - m) * max_probs.mean(),
+                                  p_model=self.p_model * m + (1 - m) * probs_x_ulb_w.mean(dim=0),
+                                  label_hist=self.label_hist * m + (1 - m) * hist / hist.sum(), momentum=m)
+
+    def update(self, probs_x_ulb_w: torch.Tensor) -> None:
+        """In place: this state becomes `self.updated(probs_x_ulb_w)`."""
+        new = self.updated(probs_x_ulb_w)
+        self.time_p, self.p_model, self.label_hist = new.time_p, new.p_model, new.label_hist
 
     def thresholds(self) -> torch.Tensor:
         """Class-wise thresholds tau_t(c) = MaxNorm(p~_t)(c) * tau_t; shape (C,)."""
         return self.p_model / self.p_model.max() * self.time_p
 
     @torch.no_grad()
-    def mask(self, logits_x_ulb_w: torch.Tensor, update: bool = True) -> torch.Tensor:
-        """Update the state with this batch (as USB does), then 1.0 where max q >= tau_t(argmax q); shape (U,)."""
+    def mask(self, logits_x_ulb_w: torch.Tensor, update: bool = False) -> torch.Tensor:
+        """1.0 where max q >= tau_t(argmax q), else 0.0; shape (U,). `update=True` first updates this state in place
+        with the batch (USB's order; `ssl_step` updates a copy instead)."""
         probs = torch.softmax(logits_x_ulb_w.detach().float(), dim=-1)                  # (U, C)
         if update:
             self.update(probs)
@@ -114,9 +125,14 @@ class DistAlign:
         return cls(uniform.clone(), counts / counts.sum(), momentum)
 
     @torch.no_grad()
+    def updated(self, probs_x_ulb_w: torch.Tensor) -> "DistAlign":
+        """A new state: p_model EMA-updated with the weak-view probabilities (U, C) of one batch (before alignment)."""
+        p_model = self.p_model * self.momentum + (1 - self.momentum) * probs_x_ulb_w.mean(dim=0)
+        return DistAlign(p_model=p_model, p_target=self.p_target, momentum=self.momentum)
+
     def update(self, probs_x_ulb_w: torch.Tensor) -> None:
-        """EMA-update p_model with the weak-view probabilities (U, C) of one batch (before alignment)."""
-        self.p_model = self.p_model * self.momentum + (1 - self.momentum) * probs_x_ulb_w.mean(dim=0)
+        """In place: this state becomes `self.updated(probs_x_ulb_w)`."""
+        self.p_model = self.updated(probs_x_ulb_w).p_model
 
     @torch.no_grad()
     def align(self, probs_x_ulb_w: torch.Tensor) -> torch.Tensor:
@@ -125,9 +141,10 @@ class DistAlign:
         return aligned / aligned.sum(dim=-1, keepdim=True)
 
     @torch.no_grad()
-    def aligned_logits(self, logits_x_ulb_w: torch.Tensor, update: bool = True) -> torch.Tensor:
+    def aligned_logits(self, logits_x_ulb_w: torch.Tensor, update: bool = False) -> torch.Tensor:
         """Log of the aligned weak-view probabilities: logits whose softmax is the aligned distribution, so the
-        masks and losses that take logits use the aligned pseudo-labels unchanged."""
+        masks and losses that take logits use the aligned pseudo-labels unchanged. `update=True` first updates this
+        state in place with the batch (`ssl_step` updates a copy instead)."""
         probs = torch.softmax(logits_x_ulb_w.detach().float(), dim=-1)
         if update:
             self.update(probs)
@@ -159,3 +176,52 @@ def fairness_loss(logits_x_ulb_s: torch.Tensor, mask: torch.Tensor, state: FreeM
     p_tilde = state.p_model * inv_label_hist                                               # p~ / h~
     p_tilde = (p_tilde / p_tilde.sum()).detach()
     return (p_tilde * torch.log(p_bar + 1e-12)).sum()                                      # -H(p~, p_bar)
+
+
+class SSLStep(NamedTuple):
+    """What one `ssl_step` returns: the loss to minimise, its parts (detached scalars for the log) and new states."""
+
+    loss: torch.Tensor                          # () loss_x + lambda_u * loss_u + lambda_f * loss_f
+    loss_x: torch.Tensor                        # () supervised cross-entropy
+    loss_u: torch.Tensor                        # () consistency loss (0 without unlabeled views)
+    loss_f: torch.Tensor                        # () FreeMatch fairness loss (0 unless FreeMatch and lambda_f > 0)
+    mask: torch.Tensor                          # () fraction of unlabeled samples that passed the threshold
+    threshold: FreeMatchThreshold | None        # the updated FreeMatch state (None: FixMatch's fixed p_cutoff)
+    align: DistAlign | None                     # the updated alignment state (None: no alignment)
+
+
+def _local(probs: torch.Tensor) -> torch.Tensor:
+    return probs
+
+
+def ssl_step(logits_x_lb: torch.Tensor, y_lb: torch.Tensor, logits_x_ulb_w: torch.Tensor | None,
+             logits_x_ulb_s: torch.Tensor | None, threshold: FreeMatchThreshold | None, align: DistAlign | None, *,
+             p_cutoff: float, lambda_u: float, lambda_f: float = 0.0, hard_label: bool = True, T: float = 1.0,
+             gather: Callable[[torch.Tensor], torch.Tensor] = _local) -> SSLStep:
+    """The loss of one FixMatch / FreeMatch step (supervised only when the unlabeled logits are None).
+
+    Logits (B, C) of the labeled images with labels y_lb (B,); (U, C) of the weak and strong views of the unlabeled
+    images. Pseudo-labels come from the weak view, aligned by `align` when given; the mask is FreeMatch's
+    self-adaptive one when `threshold` is given, else max prob >= p_cutoff. The states are updated, in new objects,
+    with `gather(probs)`: the weak-view probabilities of the whole global batch (`World.all_gather`), so that with
+    several processes they follow the global batch; the mask and losses use this process's share.
+    """
+    loss_x = supervised_loss(logits_x_lb, y_lb)
+    zero = torch.zeros((), device=loss_x.device)
+    loss_u = loss_f = mask = zero
+    if logits_x_ulb_w is not None:
+        probs_w = torch.softmax(logits_x_ulb_w.detach().float(), dim=-1)                   # (U, C)
+        if align is not None:                           # pseudo-labels from the aligned distribution
+            align = align.updated(gather(probs_w))
+            logits_x_ulb_w = torch.log(align.align(probs_w).clamp_min(1e-30))
+        if threshold is None:
+            mask = fixmatch_mask(logits_x_ulb_w, p_cutoff)
+        else:
+            threshold = threshold.updated(gather(torch.softmax(logits_x_ulb_w.detach().float(), dim=-1)))
+            mask = threshold.mask(logits_x_ulb_w)
+            if lambda_f > 0:
+                loss_f = fairness_loss(logits_x_ulb_s, mask, threshold)
+        loss_u = consistency_loss(logits_x_ulb_s, logits_x_ulb_w, mask, hard_label, T)
+        mask = mask.mean()
+    loss = loss_x + lambda_u * loss_u + lambda_f * loss_f
+    return SSLStep(loss, loss_x.detach(), loss_u.detach(), loss_f.detach(), mask, threshold, align)

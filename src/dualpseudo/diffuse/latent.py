@@ -25,9 +25,9 @@ from torch import nn
 
 from tqdm.auto import tqdm
 
-from ..artifacts import ArtifactError, load_npz, load_state, load_weights, save_npz, save_state, save_weights
+from ..artifacts import ArtifactError, load_npz, load_weights, save_npz, save_weights
 from ..config import LatentConfig, config_hash
-from ..guards import DivergenceError, finite, kept_state
+from ..training import DivergenceGuard, load_training_state, save_training_state, to_float, to_uint8
 
 SD_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
 AUTOENCODER = "autoencoder.safetensors"
@@ -106,11 +106,11 @@ def autoencoder_loss(ae: KLAutoencoder, x: torch.Tensor, kl_weight: float,
     return recon + kl_weight * kl, {"recon_l1": float(recon.detach()), "kl": float(kl.detach())}
 
 
-def _to_float(images_uint8: np.ndarray, device: torch.device) -> torch.Tensor:
-    """uint8 (N, H, W[, C]) -> float (N, C, H, W) in [-1, 1]."""
+def _images(images_uint8: np.ndarray, device: torch.device) -> torch.Tensor:
+    """uint8 (N, H, W[, C]) numpy -> float (N, C, H, W) in [-1, 1] on `device` (a permuted, channels-last layout)."""
     x = torch.from_numpy(np.ascontiguousarray(images_uint8)).to(device)
     x = x[..., None] if x.ndim == 3 else x
-    return x.permute(0, 3, 1, 2).float() / 127.5 - 1
+    return to_float(x.permute(0, 3, 1, 2))
 
 
 def train_autoencoder(ae: KLAutoencoder, images_uint8: np.ndarray, *, steps: int, batch_size: int = 64,
@@ -121,45 +121,42 @@ def train_autoencoder(ae: KLAutoencoder, images_uint8: np.ndarray, *, steps: int
 
     With `state_path`, the model, optimizer, batch generator, step and losses are saved every `checkpoint_every`
     steps and at the end; a later call with the same `key` resumes from that state (on CPU, N steps straight and
-    N/2 + resume + N/2 give the same weights), a state with another key, or whose bytes do not match their recorded
-    sha256, is ignored and overwritten.
+    N/2 + resume + N/2 give the same weights). A state saved under another key, or one that fails its sha256 record
+    or cannot be restored, is an ArtifactError naming it (the one policy of `training.load_training_state`).
     """
     device = torch.device(device)
+    state_path = None if state_path is None else Path(state_path)
     ae.to(device).train()
     opt = torch.optim.Adam(ae.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed)
-    log: list[dict] = []
-    start = 0
-    if state_path is not None and Path(state_path).is_file():
-        try:
-            st = load_state(state_path, map_location=device)
-            if st.get("key") == key:
-                ae.load_state_dict(st["model"])
-                opt.load_state_dict(st["optimizer"])
-                g.set_state(st["generator"].cpu())
-                start, log = int(st["step"]), list(st["log"])
-        except (ArtifactError, KeyError, RuntimeError):
-            start, log = 0, []                          # unusable state: train from scratch
 
-    good = start if start else None                     # the step of the last state saved with finite weights
+    def restore(state: dict) -> tuple[int, list[dict]]:
+        ae.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        g.set_state(state["generator"].cpu())
+        return int(state["step"]), list(state["log"])
+
+    resumed = None if state_path is None else load_training_state(
+        state_path, key, restore, what="stage-2 autoencoder", key_field="key", map_location=device,
+        differs="another key (other latent settings, images or seed)")
+    start, log = resumed or (0, [])
+    guard = DivergenceGuard("the stage-2 autoencoder", "Lower latent.lr or use runtime.precision=fp32, then rerun",
+                            state_path, start if start else None)
 
     def save(step: int) -> None:
-        nonlocal good
-        if not bool(finite(ae)) or not np.isfinite(log[-1]["loss"] if log else 0.0):
-            raise DivergenceError(f"the stage-2 autoencoder diverged by step {step} (non-finite loss or weights); "
-                                  f"{kept_state(Path(state_path), good) if state_path is not None else 'nothing kept'}"
-                                  f". Lower latent.lr or use runtime.precision=fp32, then rerun")
+        guard.check_weights(ae, at=f"by step {step}")
+        guard.check(torch.tensor(log[-1]["loss"] if log else 0.0, dtype=torch.float64), f"loss by step {step}")
         if state_path is not None:
-            save_state(state_path, {"key": key, "model": ae.state_dict(), "optimizer": opt.state_dict(),
-                                    "generator": g.get_state(), "step": step, "log": log})
-            good = step
+            save_training_state(state_path, {"key": key, "model": ae.state_dict(), "optimizer": opt.state_dict(),
+                                             "generator": g.get_state(), "step": step, "log": log}, key_field="key")
+            guard.saved(step)
 
     bar = tqdm(total=steps, initial=start, desc="stage2 autoencoder", unit="step", disable=not progress,
                dynamic_ncols=True)
     for step in range(start, steps):
         idx = torch.randint(len(images_uint8), (batch_size,), generator=g).numpy()
         noise_gen = g if device.type == "cpu" else None
-        loss, parts = autoencoder_loss(ae, _to_float(images_uint8[idx], device), kl_weight, noise_gen)
+        loss, parts = autoencoder_loss(ae, _images(images_uint8[idx], device), kl_weight, noise_gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -182,7 +179,7 @@ def encode_images(ae: nn.Module, images_uint8: np.ndarray, *, batch_size: int = 
     """Posterior means float32 (N, c, h, w) of uint8 images (N, H, W[, C])."""
     device = torch.device(device)
     ae.to(device).eval()
-    out = [ae.encode(_to_float(images_uint8[i:i + batch_size], device))[0].float().cpu()
+    out = [ae.encode(_images(images_uint8[i:i + batch_size], device))[0].float().cpu()
            for i in range(0, len(images_uint8), batch_size)]
     return torch.cat(out).numpy()
 
@@ -197,7 +194,7 @@ def decode_latents(ae: nn.Module, z: np.ndarray | torch.Tensor, *, batch_size: i
     out = []
     for i in range(0, len(z), batch_size):
         x = ae.decode(z[i:i + batch_size].to(device)).float()                     # (B, C, H, W) in ~[-1, 1]
-        out.append(((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu())
+        out.append(to_uint8(x).permute(0, 2, 3, 1).cpu())
     return torch.cat(out).numpy()
 
 

@@ -17,12 +17,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
-from ..artifacts import ArtifactError, load_state, load_weights, save_state, save_weights, write_text
+from ..artifacts import load_weights, save_weights
 from ..config import Stage2Config, config_hash
 from ..distributed import World, current
-from ..guards import DivergenceError, finite, kept_state
 from ..runtime import autocast, to_device
+from ..training import (DivergenceGuard, StatsLog, ema_update, generator_states, load_training_state,
+                        restore_generator, save_training_state, to_float)
 from .edm import EDMLoss, EDMPrecond
 from .networks import NETWORKS
 
@@ -54,13 +56,52 @@ def _batch(images: torch.Tensor, labels: torch.Tensor, batch_size: int, hflip: b
     idx = torch.randint(len(images), (batch_size,), generator=gen)
     flip = torch.rand(batch_size, generator=gen) < 0.5 if hflip else None
     idx = idx[part]
-    x = to_device(images[idx], device).permute(0, 3, 1, 2).float()                     # (b, C, H, W)
-    if images.dtype == torch.uint8:
-        x = x / 127.5 - 1
+    x = to_device(images[idx], device).permute(0, 3, 1, 2)                             # (b, C, H, W)
+    x = to_float(x) if x.dtype == torch.uint8 else x.float()
     if flip is not None:
         flip = to_device(flip[part], device)
         x = torch.where(flip[:, None, None, None], x.flip(3), x)
     return x.contiguous(memory_format=torch.channels_last), to_device(labels[idx], device)
+
+
+def _checked_labels(images: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """`labels` as int64 (N,) after checking them and the images; ValueError saying what is wrong."""
+    if images.ndim != 4 or images.dtype not in (np.uint8, np.float32) or images.shape[1] != images.shape[2]:
+        raise ValueError(f"images must be uint8 or float32 (N, H, W, C) with H == W, "
+                         f"got {images.dtype} {images.shape}")
+    labels = np.asarray(labels, dtype=np.int64)
+    if len(labels) != len(images) or labels.min() < 0 or labels.max() > num_classes:
+        raise ValueError(f"labels must be (N,) = ({len(images)},) in [0, {num_classes}] ({num_classes} = null class)")
+    return labels
+
+
+def _networks(cfg: Stage2Config, C: int, S: int, num_classes: int, device: torch.device,
+              verbose: bool) -> tuple[EDMPrecond, EDMPrecond]:
+    """The network in training mode and its EMA copy (built from the global RNG, in this order)."""
+    net = build_model(cfg.network, C, S, num_classes, cfg.sigma_data).to(device).train()
+    if verbose:
+        print(f"stage2 network {cfg.network}: {sum(p.numel() for p in net.parameters()):,} parameters", flush=True)
+    ema = build_model(cfg.network, C, S, num_classes, cfg.sigma_data).to(device).eval().requires_grad_(False)
+    ema.load_state_dict(net.state_dict())
+    return net, ema
+
+
+def _restore(path: Path, key: str, net: EDMPrecond, ema: EDMPrecond, opt: torch.optim.Optimizer,
+             gen: torch.Generator, noise_gen: torch.Generator, world: World,
+             device: torch.device) -> tuple[int, list[str]] | None:
+    """Load the state saved at `path` under `key` into the training objects and the global RNG: (images seen,
+    stats lines), or None when there is no state."""
+    def restore(state: dict) -> tuple[int, list[str]]:
+        net.load_state_dict(state["net"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["gen_state"].cpu())
+        restore_generator(noise_gen, state.get("noise_gen_states", [state["noise_gen_state"]]), world)
+        torch.set_rng_state(state["torch_rng_state"].cpu())
+        return int(state["nimg"]), [json.dumps(json.loads(line)) for line in state["stats"]]
+
+    return load_training_state(path, key, restore, what="stage-2", key_field="train_hash", map_location=device,
+                               differs="a different stage-2 config or dataset")
 
 
 def train_diffusion(cfg: Stage2Config, *, images: np.ndarray, labels: np.ndarray, num_classes: int,
@@ -80,23 +121,14 @@ def train_diffusion(cfg: Stage2Config, *, images: np.ndarray, labels: np.ndarray
     """
     world = current() if world is None else world
     out_dir, device = Path(out_dir), torch.device(device)
-    if images.ndim != 4 or images.dtype not in (np.uint8, np.float32) or images.shape[1] != images.shape[2]:
-        raise ValueError(f"images must be uint8 or float32 (N, H, W, C) with H == W, "
-                         f"got {images.dtype} {images.shape}")
-    labels = np.asarray(labels, dtype=np.int64)
-    if len(labels) != len(images) or labels.min() < 0 or labels.max() > num_classes:
-        raise ValueError(f"labels must be (N,) = ({len(images)},) in [0, {num_classes}] ({num_classes} = null class)")
+    labels = _checked_labels(images, labels, num_classes)
     N, S, _, C = images.shape
     b = world.per_rank(cfg.batch_size, "stage2.batch_size")
     part = slice(world.rank * b, (world.rank + 1) * b)
 
     # model, EMA, optimizer, loss, data, RNG
     torch.manual_seed(seed)
-    net = build_model(cfg.network, C, S, num_classes, cfg.sigma_data).to(device).train()
-    if progress and world.is_main:
-        print(f"stage2 network {cfg.network}: {sum(p.numel() for p in net.parameters()):,} parameters", flush=True)
-    ema = build_model(cfg.network, C, S, num_classes, cfg.sigma_data).to(device).eval().requires_grad_(False)
-    ema.load_state_dict(net.state_dict())
+    net, ema = _networks(cfg, C, S, num_classes, device, progress and world.is_main)
     forward = world.wrap(torch.compile(net) if compile else net, device)               # DDP when several processes
     forward.num_classes = net.num_classes
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
@@ -107,109 +139,68 @@ def train_diffusion(cfg: Stage2Config, *, images: np.ndarray, labels: np.ndarray
     data_sum = int(images[:, ::4, ::4].sum()) if images.dtype == np.uint8 else float(images[:, ::4, ::4].sum())
     train_hash = _training_hash(cfg, seed=seed, hflip=hflip, N=N, S=S, C=C, num_classes=num_classes,
                                 precision=precision, data=data_sum, labels=int(labels.sum()))
-    nimg, stats = 0, []
 
     # resume
     state_path = out_dir / "state.pt"
-    if state_path.is_file():
-        state = load_state(state_path, map_location=device)
-        if not isinstance(state, dict) or state.get("train_hash") != train_hash:
-            raise ArtifactError(f"{state_path} was written by a different stage-2 config or dataset; "
-                                f"delete {out_dir} to train from scratch")
-        try:
-            net.load_state_dict(state["net"])
-            ema.load_state_dict(state["ema"])
-            opt.load_state_dict(state["optimizer"])
-            nimg = int(state["nimg"])
-            gen.set_state(state["gen_state"])
-            noise_states = state.get("noise_gen_states", [state["noise_gen_state"]])
-            if world.rank < len(noise_states):
-                noise_gen.set_state(noise_states[world.rank])
-            torch.set_rng_state(state["torch_rng_state"])
-            stats = [json.loads(line) for line in state["stats"]]
-        except (KeyError, TypeError, ValueError, RuntimeError) as e:
-            raise ArtifactError(f"{state_path} is not a usable stage-2 training state ({type(e).__name__}: "
-                                f"{str(e)[:200]}); delete it to train from scratch") from None
-
-    good = nimg / 1000 if state_path.is_file() else None      # kimg of the state on disk, None before the first
+    resumed = _restore(state_path, train_hash, net, ema, opt, gen, noise_gen, world, device)
+    nimg, lines = resumed or (0, [])
+    stats = StatsLog(out_dir / "stats.jsonl", lines, world=world)     # kept in the state, written at checkpoints
+    guard = DivergenceGuard("stage 2", "Lower stage2.lr or use runtime.precision=fp32", state_path,
+                            nimg / 1000 if resumed else None, unit="kimg", world=world, device=device)
 
     def checkpoint() -> None:
-        nonlocal good
-        if not world.all_true(finite(net, ema), device):       # a saved state always holds finite weights
-            raise DivergenceError(f"stage 2: non-finite weights at {nimg / 1000:.3f} kimg (the training diverged); "
-                                  f"{kept_state(state_path, good, 'kimg')}. Lower stage2.lr or use "
-                                  f"runtime.precision=fp32")
-        extra = {}
-        if world.distributed:                           # every rank's noise stream (a collective call)
-            extra["noise_gen_states"] = [s.cpu() for s in world.gather(noise_gen.get_state().cpu())]
-        good = nimg / 1000
-        if not world.is_main:
-            return
-        save_state(state_path, {"net": net.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-                                "nimg": nimg, "gen_state": gen.get_state(), "noise_gen_state": noise_gen.get_state(),
-                                "torch_rng_state": torch.get_rng_state(), "train_hash": train_hash,
-                                "stats": [json.dumps(s) for s in stats], **extra})
-        write_text(out_dir / "stats.jsonl", "".join(json.dumps(s) + "\n" for s in stats))
+        guard.check_weights(net, ema, at=f"at {nimg / 1000:.3f} kimg")   # a saved state always holds finite weights
+        noise_states = generator_states(noise_gen, world)               # a collective call with several processes
+        save_training_state(state_path, {
+            "net": net.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(), "nimg": nimg,
+            "gen_state": gen.get_state(), "noise_gen_state": noise_gen.get_state(),
+            "torch_rng_state": torch.get_rng_state(), "train_hash": train_hash, "stats": stats.lines,
+            **({"noise_gen_states": noise_states} if world.distributed else {})}, key_field="train_hash", world=world)
+        stats.write()
+        guard.saved(nimg / 1000)
 
+    # training loop
     total = int(round(cfg.duration_kimg * 1000))
-    next_log = (nimg // int(cfg.log_every_kimg * 1000) + 1) * int(cfg.log_every_kimg * 1000)
-    next_ckpt = (nimg // int(cfg.checkpoint_every_kimg * 1000) + 1) * int(cfg.checkpoint_every_kimg * 1000)
-    bar = None
-    if progress and nimg < total and world.is_main:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=total, initial=nimg, unit="img", unit_scale=True, desc="stage2 diffusion", smoothing=0.05)
-    check_each_step = device.type == "cpu"         # elsewhere a check is a host-device sync: once per log point
+    log_every, ckpt_every = int(cfg.log_every_kimg * 1000), int(cfg.checkpoint_every_kimg * 1000)
+    next_log, next_ckpt = (nimg // log_every + 1) * log_every, (nimg // ckpt_every + 1) * ckpt_every
     zero = torch.zeros((), dtype=torch.float64, device=device)
     t_log, n_log, loss_sum, loss_n, checked = time.perf_counter(), nimg, zero, 0, nimg
-
-    while nimg < total:
-        # one optimisation step
-        x, y = _batch(data_x, data_y, cfg.batch_size, hflip, gen, device, part)
-        for g in opt.param_groups:
-            g["lr"] = cfg.lr * min(nimg / max(cfg.warmup_kimg * 1000, 1e-8), 1.0)
-        with autocast(device, precision):
-            loss = loss_fn(forward, x, y, generator=noise_gen).mean()
-        if check_each_step and not world.all_true(torch.isfinite(loss), device):
-            raise DivergenceError(f"stage 2: non-finite loss {loss.item()} at {nimg / 1000:.3f} kimg; "
-                                  f"{kept_state(state_path, good, 'kimg')}. Lower stage2.lr or use "
-                                  f"runtime.precision=fp32")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
-        opt.step()
-        nimg += cfg.batch_size
-
-        # EMA with a half-life counted in images, ramped up as in EDM (half-life <= 5% of images seen so far)
-        ema_beta = 0.5 ** (cfg.batch_size / max(min(cfg.ema_halflife_kimg * 1000, nimg * 0.05), 1e-8))
-        with torch.no_grad():
-            torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - ema_beta)
-            for b_ema, b in zip(ema.buffers(), net.buffers()):
-                b_ema.copy_(b)
-        loss_sum, loss_n = loss_sum + loss.detach().double(), loss_n + 1      # float64: as summing loss.item()
-        if bar is not None:
+    with tqdm(total=total, initial=nimg, unit="img", unit_scale=True, desc="stage2 diffusion", smoothing=0.05,
+              disable=not (progress and world.is_main) or nimg >= total) as bar:
+        while nimg < total:
+            # one optimisation step
+            x, y = _batch(data_x, data_y, cfg.batch_size, hflip, gen, device, part)
+            for g in opt.param_groups:
+                g["lr"] = cfg.lr * min(nimg / max(cfg.warmup_kimg * 1000, 1e-8), 1.0)
+            with autocast(device, precision):
+                loss = loss_fn(forward, x, y, generator=noise_gen).mean()
+            guard.check_step(loss, lambda: f"loss {loss.item()} at {nimg / 1000:.3f} kimg")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+            opt.step()
+            nimg += cfg.batch_size
+            # EMA with a half-life counted in images, ramped up as in EDM (half-life <= 5% of images seen so far)
+            ema_update(ema, net, 0.5 ** (cfg.batch_size / max(min(cfg.ema_halflife_kimg * 1000, nimg * 0.05), 1e-8)))
+            loss_sum, loss_n = loss_sum + loss.detach().double(), loss_n + 1      # float64: as summing loss.item()
             bar.update(cfg.batch_size)
 
-        # log and checkpoint
-        if not check_each_step and (nimg >= next_log or nimg >= next_ckpt or nimg >= total):
-            if not world.all_true(torch.isfinite(loss_sum), device):
-                raise DivergenceError(f"stage 2: non-finite loss between {checked / 1000:.3f} and {nimg / 1000:.3f} "
-                                      f"kimg; {kept_state(state_path, good, 'kimg')}. Lower stage2.lr or use "
-                                      f"runtime.precision=fp32")
-            checked = nimg
-        if nimg >= next_log or nimg >= total:
-            dt = time.perf_counter() - t_log
-            stats.append({"kimg": nimg / 1000, "loss": loss_sum.item() / loss_n, "lr": opt.param_groups[0]["lr"],
-                          "img_per_s": (nimg - n_log) / max(dt, 1e-9), "time": time.time()})
-            t_log, n_log, loss_sum, loss_n = time.perf_counter(), nimg, zero, 0
-            next_log += int(cfg.log_every_kimg * 1000)
-            if bar is not None:
-                bar.set_postfix(loss=f"{stats[-1]['loss']:.4f}", img_s=f"{stats[-1]['img_per_s']:.0f}")
-        if nimg >= next_ckpt or nimg >= total:
-            checkpoint()
-            next_ckpt += int(cfg.checkpoint_every_kimg * 1000)
-    if bar is not None:
-        bar.close()
+            # check, log, checkpoint
+            if nimg >= next_log or nimg >= next_ckpt or nimg >= total:
+                guard.check_window(loss_sum, f"loss between {checked / 1000:.3f} and {nimg / 1000:.3f} kimg")
+                checked = nimg
+            if nimg >= next_log or nimg >= total:
+                dt = time.perf_counter() - t_log
+                row = {"kimg": nimg / 1000, "loss": loss_sum.item() / loss_n, "lr": opt.param_groups[0]["lr"],
+                       "img_per_s": (nimg - n_log) / max(dt, 1e-9), "time": time.time()}
+                stats.append(row)
+                t_log, n_log, loss_sum, loss_n = time.perf_counter(), nimg, zero, 0
+                next_log += log_every
+                bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['img_per_s']:.0f}")
+            if nimg >= next_ckpt or nimg >= total:
+                checkpoint()
+                next_ckpt += ckpt_every
     return ema.eval()
 
 
