@@ -1,5 +1,6 @@
-"""Helpers shared by the tests: tiny IDX datasets written into a test's own folder, so no test needs the
-Debian `dataset-fashion-mnist` package (only CI installs it)."""
+"""Helpers shared by the tests: the repository's paths and smoke configs, a malicious pickle, tiny IDX datasets
+written into a test's own folder (so no test needs the Debian `dataset-fashion-mnist` package, which only CI
+installs), and the label-propagation smoke run."""
 import gzip
 from pathlib import Path
 
@@ -26,8 +27,19 @@ def make_idx_dataset(root: Path, n=40, test=10, gz=True, classes=10):
     return root
 
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[1]                            # the repository root
+SMOKE = str(ROOT / "configs" / "smoke.yaml")                          # FreeMatch + pixel diffusion, seconds on CPU
 SMOKE_GRAPH = str(ROOT / "configs" / "smoke_label_propagation.yaml")
+
+
+class Evil:
+    """Pickled, it calls print("pwned") when unpickled: what a checkpoint or batch file must never run.
+
+    `pickle.dumps(Evil())`, or an `Evil()` inside any pickled object, is the malicious file; a loader that
+    refuses it never prints "pwned"."""
+
+    def __reduce__(self):
+        return (print, ("pwned",))
 
 
 @pytest.fixture(scope="module")

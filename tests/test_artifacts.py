@@ -7,6 +7,8 @@ import torch
 
 from dualpseudo import artifacts as A
 
+from conftest import Evil
+
 
 def test_npz_and_json_round_trip(tmp_path):
     A.save_npz(tmp_path / "a.npz", x=np.arange(5), y=np.ones((2, 3), np.uint8))
@@ -48,19 +50,15 @@ def test_truncated_files_are_reported(tmp_path):
         A.read_json(tmp_path / "m.json")
 
 
-class _Evil:
-    def __reduce__(self):
-        return (os.system, ("echo pwned > /dev/null",))
-
-
-def test_malicious_pickle_checkpoint_is_refused(tmp_path):
+def test_malicious_pickle_checkpoint_is_refused(tmp_path, capsys):
     path = tmp_path / "state.pt"
-    torch.save({"model": torch.ones(2), "x": _Evil()}, path)
+    torch.save({"model": torch.ones(2), "x": Evil()}, path)
     with pytest.raises(A.ArtifactError, match="cannot be loaded safely"):
         A.load_torch(path)
-    path.write_bytes(pickle.dumps(_Evil()))
+    path.write_bytes(pickle.dumps(Evil()))
     with pytest.raises(A.ArtifactError):
         A.load_torch(path)
+    assert "pwned" not in capsys.readouterr().out
 
 
 def test_torch_round_trip_plain_data(tmp_path):

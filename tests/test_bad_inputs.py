@@ -19,8 +19,8 @@ from dualpseudo.data.datasets import DataError, load_dataset
 from dualpseudo.data.splits import read_indices
 from dualpseudo.rundir import RunDir
 
-ROOT = Path(__file__).resolve().parents[1]
-SMOKE = str(ROOT / "configs" / "smoke.yaml")
+from conftest import ROOT, SMOKE
+
 NUM_TRAIN = 4 * 48                                   # smoke.yaml's synthetic training images
 
 

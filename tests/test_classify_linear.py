@@ -1,6 +1,5 @@
 """The linear-probe learner (classify/linear.py): the logistic regression against an independent scipy solution,
 the feature cache's resume, encoders, the artifact round trip, and the smoke config through all three stages."""
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +15,8 @@ from dualpseudo.config import load_config, to_dict
 from dualpseudo.rundir import RunDir
 from dualpseudo.stages.pipeline import check_run_dir
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT, SMOKE
+
 SMOKE_LP = str(ROOT / "configs" / "smoke_linear_probe.yaml")
 
 
@@ -139,7 +139,7 @@ def test_torchscript_encoder_and_missing_file_error(tmp_path):
 
 
 def test_old_run_dirs_without_the_linear_probe_section_are_accepted(tmp_path):
-    cfg = load_config(str(ROOT / "configs" / "smoke.yaml"))
+    cfg = load_config(SMOKE)
     old = to_dict(cfg)
     del old["linear_probe"]
     run = RunDir(tmp_path)

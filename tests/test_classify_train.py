@@ -77,13 +77,61 @@ def test_learns_separable_problem_and_writes_stats(tmp_path):
     assert 0 <= lines[-1]["mask"] <= 1 and 0 < lines[-1]["threshold"] < 1
 
 
-def test_supervised_and_pseudo_mix(tmp_path):
-    x, y = _data()
-    model = _run(_cfg(learner="supervised", iterations=3), tmp_path / "s", x_ulb=None)
+def test_supervised_needs_no_unlabeled_images(tmp_path):
+    model = _run(_cfg(learner="supervised", iterations=3), tmp_path, x_ulb=None)
     assert not model.training
-    _run(_cfg(iterations=3, uratio=1), tmp_path / "p", x_pseudo=x[1::2], y_pseudo=y[1::2], pseudo_fraction=0.5)
-    assert (tmp_path / "p" / "state.pt").is_file()
-    _run(_cfg(iterations=2, uratio=1), tmp_path / "q", x_pseudo=x, y_pseudo=y, pseudo_fraction=1.0)
+    lines = [json.loads(l) for l in (tmp_path / "stats.jsonl").read_text().splitlines()]
+    assert lines and all(l["mask"] is None and l["loss_u"] == 0 for l in lines)
+
+
+class _GreySpy(torch.nn.Module):
+    """A stand-in classifier for uniformly grey images: records the grey level of every image of every training
+    forward (uniform images stay uniform under the weak augmentation's crops and flips) and answers the class
+    `label_of[grey]` with near certainty, so the supervised loss is ~0 exactly when each image carries its label."""
+
+    def __init__(self, num_classes: int, label_of: torch.Tensor, seen: list):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))             # something for the optimizer
+        self.register_buffer("label_of", label_of)
+        self.num_classes, self.seen = num_classes, seen
+
+    def forward(self, x):
+        grey = ((x[:, 0, 0, 0].float() + 1) * 127.5).round().clamp(0, 255).long()   # [-1, 1] to 0..255
+        if self.training:
+            self.seen.append(grey.tolist())
+        return 20 * torch.nn.functional.one_hot(self.label_of[grey], self.num_classes).float() + 0 * self.w
+
+
+@pytest.mark.parametrize("fraction, n_pseudo", [(0.3, 2), (0.5, 4), (1.0, 8)])
+def test_labeled_batches_mix_real_and_pseudo_images(tmp_path, monkeypatch, fraction, n_pseudo):
+    """Each labeled batch of B holds B - round(fraction * B) real labeled images, then round(fraction * B)
+    pseudo-images, each with its own label; the pseudo-images are drawn in reshuffled epochs (no repeats
+    within one)."""
+    from dualpseudo.classify import networks
+
+    def grey(levels):                                               # uniform 16x16 images (N, 16, 16, 1)
+        return np.broadcast_to(np.asarray(levels, np.uint8)[:, None, None, None], (len(levels), 16, 16, 1)).copy()
+
+    real, pseudo = list(range(10, 18)), list(range(100, 112))       # grey levels: 8 real, 12 pseudo-images
+    y_real, y_pseudo = np.arange(8) % 2, (np.arange(12) // 3) % 2
+    label_of = torch.zeros(256, dtype=torch.long)
+    label_of[real], label_of[pseudo] = torch.as_tensor(y_real), torch.as_tensor(y_pseudo)
+    seen: list = []
+    monkeypatch.setitem(networks.NETWORKS, "grey_spy", lambda c, ch, size: _GreySpy(c, label_of, seen))
+    x_ulb = np.random.default_rng(0).integers(0, 256, (16, 16, 16, 1), dtype=np.uint8)
+    cfg = _cfg(network="grey_spy", iterations=3, uratio=1, log_every=1, checkpoint_every=3)
+    _run(cfg, tmp_path, x_lb=grey(real), y_lb=y_real, x_ulb=x_ulb, x_pseudo=grey(pseudo), y_pseudo=y_pseudo,
+         pseudo_fraction=fraction)
+    assert len(seen) == 3                                           # one training forward per step
+    B = cfg.batch_size
+    drawn = []
+    for batch in seen:                                              # labeled (+ pseudo) rows come first
+        assert all(g in real for g in batch[:B - n_pseudo]), batch
+        assert all(g in pseudo for g in batch[B - n_pseudo:B]), batch
+        drawn += batch[B - n_pseudo:B]
+    assert len(set(drawn[:12])) == min(12, len(drawn)), "one epoch of pseudo-images draws each at most once"
+    lines = [json.loads(l) for l in (tmp_path / "stats.jsonl").read_text().splitlines()]
+    assert len(lines) == 3 and all(l["loss_x"] < 1e-6 for l in lines), "every image trains with its own label"
 
 
 def test_classifier_save_load_round_trip(tmp_path):

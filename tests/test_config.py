@@ -1,10 +1,10 @@
-from pathlib import Path
+import dataclasses
 
 import pytest
 
 from dualpseudo.config import ConfigError, ExperimentConfig, config_hash, load_config, to_yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT
 
 
 def test_defaults_and_yaml_round_trip(tmp_path):
@@ -56,8 +56,10 @@ def test_bad_yaml_and_missing_file(tmp_path):
 
 def test_config_is_frozen():
     cfg = ExperimentConfig()
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError, match="iterations"):
         cfg.stage1.iterations = 3
+    with pytest.raises(dataclasses.FrozenInstanceError, match="stage1"):
+        cfg.stage1 = cfg.stage3
 
 
 def test_hash_exclude():

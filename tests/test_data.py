@@ -10,7 +10,7 @@ from dualpseudo.config import DataConfig
 from dualpseudo.data.datasets import DataError, load_dataset, make_synthetic, read_idx
 from dualpseudo.data.splits import labeled_split, read_indices, split_record
 
-from conftest import make_idx_dataset, write_idx
+from conftest import Evil, make_idx_dataset, write_idx
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -61,7 +61,7 @@ def test_count_mismatch_and_label_range(tmp_path):
         load_dataset(DataConfig(name="mnist", root=str(tmp_path)))
 
 
-def test_cifar10_batches_and_malicious_pickle(tmp_path):
+def test_cifar10_batches_and_malicious_pickle(tmp_path, capsys):
     rng = np.random.default_rng(0)
     root = tmp_path / "cifar-10-batches-py"
     root.mkdir()
@@ -71,14 +71,10 @@ def test_cifar10_batches_and_malicious_pickle(tmp_path):
     ds = load_dataset(DataConfig(name="cifar10", root=str(tmp_path)))
     assert ds.train_images.shape == (100, 32, 32, 3) and ds.test_images.shape == (20, 32, 32, 3)
 
-    class Evil:
-        def __reduce__(self):
-            import os
-            return (os.system, ("true",))
-
     (root / "test_batch").write_bytes(pickle.dumps({b"data": Evil(), b"labels": []}))
     with pytest.raises(DataError, match="test_batch is not a valid CIFAR-10 batch.*refusing"):
         load_dataset(DataConfig(name="cifar10", root=str(tmp_path)))
+    assert "pwned" not in capsys.readouterr().out, "the batch's pickled code never ran"
     (root / "test_batch").write_bytes(b"\x80\x04trunc")
     with pytest.raises(DataError, match="test_batch"):
         load_dataset(DataConfig(name="cifar10", root=str(tmp_path)))

@@ -13,10 +13,10 @@ from dualpseudo.cli import main
 from dualpseudo.config import load_config
 from dualpseudo.diffuse.networks import NETWORKS, unet_ddpmpp
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT, SMOKE
+
 CIFAR10 = ROOT / "configs" / "cifar10.yaml"
 IMAGENET = ROOT / "configs" / "imagenet256_linear_probe.yaml"
-SMOKE = ROOT / "configs" / "smoke.yaml"
 UNET_DDPMPP_PARAMETERS = 58_027_523          # the number in unet_ddpmpp's docstring
 
 
@@ -74,7 +74,7 @@ def test_imagenet_dry_run_without_the_data_says_what_is_missing(tmp_path, capsys
 
 
 def _cli(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "dualpseudo", "run", str(SMOKE), "--run-dir", str(tmp_path / "run")]
+    cmd = [sys.executable, "-m", "dualpseudo", "run", SMOKE, "--run-dir", str(tmp_path / "run")]
     for item in overrides:
         cmd += ["--set", item]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)

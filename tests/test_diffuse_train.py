@@ -41,7 +41,13 @@ def test_resume_equals_straight(tmp_path):
     lines = [json.loads(s) for s in (tmp_path / "b" / "stats.jsonl").read_text().splitlines()]
     assert [s["kimg"] for s in lines] == [0.032, 0.064, 0.096, 0.128]
     assert not straight.training and all(np.isfinite(s["loss"]) for s in lines)
-    assert run(CFG, tmp_path / "b") is not None                       # finished: loads, trains nothing
+    # finished: a rerun loads the EMA weights and trains nothing (state and stats stay byte for byte)
+    before = {f: (tmp_path / "b" / f).read_bytes() for f in ("state.pt", "stats.jsonl")}
+    again = run(CFG, tmp_path / "b")
+    assert not again.training and list(again.state_dict()) == list(resumed.state_dict())
+    for (k, a), b in zip(resumed.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert {f: (tmp_path / "b" / f).read_bytes() for f in before} == before
 
 
 def test_nonfinite_loss_raises_and_keeps_state(tmp_path):

@@ -16,8 +16,8 @@ import pytest
 from dualpseudo.artifacts import load_npz, load_torch, read_json
 from dualpseudo.distributed import LOCAL, World
 
-ROOT = Path(__file__).resolve().parents[1]
-SMOKE = str(ROOT / "configs" / "smoke.yaml")
+from conftest import ROOT, SMOKE
+
 ACCELERATE = Path(sys.executable).parent / "accelerate"
 
 

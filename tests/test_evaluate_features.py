@@ -27,6 +27,9 @@ def test_extract_features_batched_and_sharded():
 
 
 class _Tiny(torch.nn.Module):
+    """A stand-in with the protocol's `features` and `head`; that every real classifier network (the oracle's
+    choices) exposes `features` is checked in test_networks.py."""
+
     def __init__(self):
         super().__init__()
         self.features = torch.nn.Sequential(torch.nn.Conv2d(1, 5, 3, padding=1), torch.nn.BatchNorm2d(5))

@@ -10,8 +10,7 @@ import torch
 from dualpseudo.artifacts import load_npz, load_torch, read_json
 from dualpseudo.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
-SMOKE = str(ROOT / "configs" / "smoke.yaml")
+from conftest import SMOKE, Evil
 
 
 def stage2(run: Path) -> int:
@@ -37,11 +36,6 @@ def _truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
-class _Evil:
-    def __reduce__(self):
-        return (print, ("pwned",))
-
-
 def test_truncated_stage2_state_is_rebuilt(run, finished, capsys):
     """Killed mid-training with a half-written state.pt (no snapshot, no manifest): rebuilt from scratch."""
     s2 = run / "stage2"
@@ -63,7 +57,7 @@ def test_foreign_stage1_state_is_refused_and_rebuilt(run, finished, content, cap
     s1 = run / "stage1"
     (s1 / "manifest.json").unlink()
     if content == "pickle":
-        (s1 / "state.pt").write_bytes(pickle.dumps(_Evil()))
+        (s1 / "state.pt").write_bytes(pickle.dumps(Evil()))
     else:
         torch.save({"resume_key": {"stage1": "another config"}, "step": 40}, s1 / "state.pt")
     assert stage2(run) == 0

@@ -10,10 +10,7 @@ import pytest
 from dualpseudo.artifacts import load_npz, load_torch, read_json
 from dualpseudo.cli import main
 
-from conftest import make_idx_dataset
-
-ROOT = Path(__file__).resolve().parents[1]
-SMOKE = str(ROOT / "configs" / "smoke.yaml")
+from conftest import ROOT, SMOKE, make_idx_dataset
 
 
 def run_cli(*args: str) -> int:
@@ -197,3 +194,86 @@ def test_evaluation_without_oracle(smoke_run, tmp_path, capsys):
     assert f"{ev['fid']['fid']:.2f}" in (copy / "report.md").read_text(), "eval rewrites the report"
     assert run_cli("eval", "--run-dir", str(copy), "--set", "evaluation.oracle_network=resnet9000") == 2
     assert "evaluation.oracle_network" in capsys.readouterr().err
+
+
+def _copy(smoke_run, tmp_path) -> Path:
+    import shutil
+    copy = tmp_path / "run"
+    shutil.copytree(smoke_run[0], copy)
+    return copy
+
+
+def _cache(smoke_run) -> list[str]:
+    return ["--set", f"evaluation.cache_dir={smoke_run[1] / 'cache'}"]
+
+
+def test_second_round_trains_on_stage3_labels(smoke_run, tmp_path, capsys):
+    """rounds=2: round 1 is reused; round2/ repeats stages 2-3 and the evaluation with stage 3's pseudo-labels."""
+    run = _copy(smoke_run, tmp_path)
+    assert run_cli("run", SMOKE, "--run-dir", str(run), *_cache(smoke_run), "--set", "rounds=2", "--force") == 0
+    out = capsys.readouterr().out
+    assert all(f"[{step}] reused" in out for step in ("stage1", "stage2", "stage3", "evaluation")), out
+    assert all(f"[round2/{step}] running" in out for step in ("stage2", "stage3", "evaluation")), out
+    assert "[round2/stage1]" not in out, "stage 1 runs once"
+    r2 = run / "round2"
+    for f in ("stage2/pseudo_images.npz", "stage2/diffusion.safetensors", "stage3/classifier.safetensors",
+              "stage3/pseudo_labels.npz", "stage3/metrics.json", "evaluation/metrics.json"):
+        assert (r2 / f).is_file(), f
+    labels_in = read_json(r2 / "stage2/manifest.json")["inputs"]["pseudo_labels"]
+    stage3_labels = read_json(run / "stage3/manifest.json")["outputs"]["pseudo_labels.npz"]
+    assert labels_in == stage3_labels != read_json(run / "stage1/manifest.json")["outputs"]["pseudo_labels.npz"]
+    m1, m3 = read_json(run / "stage1/metrics.json"), read_json(r2 / "stage3/metrics.json")
+    assert m3["stage1_test_top1"] == m1["test"]["top1"], "every round's delta is against stage 1"
+    gen = load_npz(r2 / "stage2/pseudo_images.npz", ("images", "labels"))
+    assert gen["images"].shape == (32, 16, 16, 1) and np.bincount(gen["labels"]).tolist() == [8] * 4
+
+
+def test_stage3_supervised_mode(smoke_run, tmp_path, capsys):
+    """stage3.mode=supervised: stage 3 alone re-runs, on labeled + pseudo-images with no unlabeled loss."""
+    run = _copy(smoke_run, tmp_path)
+    before = read_json(run / "stage3/manifest.json")["config_hash"]
+    assert run_cli("stage3", SMOKE, "--run-dir", str(run), *_cache(smoke_run), "--set", "stage3.mode=supervised",
+                   "--force") == 0
+    out = capsys.readouterr().out
+    assert "[stage1] reused" in out and "[stage2] reused" in out and "[stage3] running" in out
+    m3 = read_json(run / "stage3/metrics.json")
+    assert m3["mode"] == "supervised" and m3["learner"] == "supervised" and m3["num_pseudo_images"] == 32
+    assert read_json(run / "stage3/manifest.json")["config_hash"] != before
+    lines = [json.loads(l) for l in (run / "stage3/stats.jsonl").read_text().splitlines()]
+    assert lines and all(l["mask"] is None and l["loss_u"] == 0 for l in lines), "no unlabeled images"
+    assert load_torch(run / "stage3/state.pt")["step"] == 40
+
+
+def test_min_confidence_trains_unsure_images_as_the_null_class(smoke_run, tmp_path, capsys):
+    """stage2.min_confidence: unlabeled images whose pseudo-label is less confident train unconditionally."""
+    run = _copy(smoke_run, tmp_path)
+    pl = load_npz(run / "stage1/pseudo_labels.npz", ("label", "confidence", "is_labeled"))
+    threshold = float(np.median(pl["confidence"][~pl["is_labeled"]]))
+    conditional = (pl["confidence"] >= threshold) | pl["is_labeled"]
+    assert 0.3 < conditional.mean() < 0.7                          # about half the images lose their label
+    assert read_json(run / "stage2/manifest.json")["summary"]["conditional_fraction"] == 1.0
+    assert run_cli("stage2", SMOKE, "--run-dir", str(run), *_cache(smoke_run),
+                   "--set", f"stage2.min_confidence={threshold!r}", "--force") == 0
+    assert "[stage1] reused" in capsys.readouterr().out
+    summary = read_json(run / "stage2/manifest.json")["summary"]
+    assert summary["conditional_fraction"] == pytest.approx(conditional.mean())
+    gen = load_npz(run / "stage2/pseudo_images.npz", ("labels",))
+    assert np.bincount(gen["labels"]).tolist() == [8] * 4, "sampling is still class-conditional"
+
+
+def test_sample_grid_command(smoke_run, tmp_path, capsys):
+    """`dualpseudo sample` draws the grid stage 2 drew (same seeds, sampler and labels) and takes its options."""
+    from PIL import Image
+    run, _ = smoke_run
+    out = tmp_path / "grid.png"
+    assert run_cli("sample", "--run-dir", str(run), "--per-class", "8", "--out", str(out)) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    same = np.asarray(Image.open(out))
+    np.testing.assert_array_equal(same, np.asarray(Image.open(run / "stage2/grid.png")))
+    other = tmp_path / "other.png"
+    assert run_cli("sample", "--run-dir", str(run), "--per-class", "3", "--seed", "5", "--steps", "2",
+                   "--guidance-scale", "0", "--out", str(other)) == 0
+    small = np.asarray(Image.open(other))
+    assert small.shape[0] == same.shape[0] and small.shape[1] < same.shape[1], "4 rows, 3 columns instead of 8"
+    assert not (run / "sample_grid.png").exists()
+

@@ -64,7 +64,11 @@ class _WideBlock(nn.Module):
 
 
 class WideResNet(nn.Module):
-    """WRN-depth-widen: three groups of (depth-4)/6 blocks at 32, 16, 8 px; FixMatch's initialisation."""
+    """WRN-depth-widen: three groups of (depth-4)/6 blocks at 32, 16, 8 px; FixMatch's initialisation.
+
+    `features(x)` is the map before pooling, (N, 64*widen, H/4, W/4), as `CNNSmall.features`: the domain features
+    of the evaluation's oracle (evaluate/domain.py) are its global average; `fc` of that average is `forward`.
+    """
 
     def __init__(self, num_classes: int, in_channels: int = 3, depth: int = 28, widen: int = 2):
         super().__init__()
@@ -90,10 +94,13 @@ class WideResNet(nn.Module):
                 nn.init.xavier_normal_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate features before pooling: float (N, C, H, W) -> (N, 64*widen, H/4, W/4)."""
         h = self.blocks(self.conv1(x))                       # (N, 64*widen, H/4, W/4)
-        h = F.leaky_relu(self.bn(h), 0.1)
-        h = F.adaptive_avg_pool2d(h, 1).flatten(1)           # (N, 64*widen)
+        return F.leaky_relu(self.bn(h), 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.adaptive_avg_pool2d(self.features(x), 1).flatten(1)   # (N, 64*widen)
         return self.fc(h)
 
 
