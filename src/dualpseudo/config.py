@@ -22,10 +22,32 @@ class ConfigError(ValueError):
     """A configuration problem a user can fix; the message names the key."""
 
 
-def added_later(default: Any) -> Any:
+# A field's role says which keys it enters (stages/declare.py derives every hash from it):
+TRAINING = "training"    # changes what a stage computes: its manifest hash, reset key and loop's resume key
+LENGTH = "length"        # how long a loop trains: manifest hash and reset key; a shorter run's state continues
+SCHEDULE = "schedule"    # when states/logs are written, inference batch sizes: manifest hash only, never a resume
+SAMPLING = "sampling"    # stage 2's sampler settings: manifest hash and the sampling key, not the model's keys
+
+
+def setting(default: Any, role: str = TRAINING) -> Any:
+    """A config field with a `role` other than the default TRAINING."""
+    return field(default=default, metadata={"role": role})
+
+
+def added_later(default: Any, role: str = TRAINING) -> Any:
     """A field added after run directories already existed: while it holds `default` it is left out of config
     hashes and resume keys, so those run directories (and their saved states) stay valid."""
-    return field(default=default, metadata={"omit_at_default": True})
+    return field(default=default, metadata={"omit_at_default": True, "role": role})
+
+
+def role_of(section: Any, name: str) -> str:
+    """The role of field `name` of a config section (TRAINING unless declared)."""
+    return next(f.metadata.get("role", TRAINING) for f in dataclasses.fields(section) if f.name == name)
+
+
+def fields_in_roles(section: Any, *roles: str) -> dict:
+    """`hashable_dict(section)` restricted to the fields whose role is one of `roles`."""
+    return {k: v for k, v in hashable_dict(section).items() if role_of(section, k) in roles}
 
 
 def _omitted_at_default(obj: Any) -> set[str]:
@@ -91,9 +113,9 @@ class Stage1Config:
     lambda_f: float = 0.01                            # FreeMatch self-adaptive fairness weight (0 disables it)
     randaugment_ops: int = 2                          # strong augmentation: ops per image
     cutout: float = 0.5                               # Cutout square side as a fraction of the image side
-    checkpoint_every: int = 500                       # iterations between resumable states
-    log_every: int = 50
-    predict_batch_size: int = 1024
+    checkpoint_every: int = setting(500, SCHEDULE)    # iterations between resumable states
+    log_every: int = setting(50, SCHEDULE)
+    predict_batch_size: int = setting(1024, SCHEDULE)
 
 
 @dataclass(frozen=True)
@@ -102,7 +124,7 @@ class Stage2Config:
 
     label_source: Literal["pseudo", "true", "none"] = "pseudo"  # true: full-label reference; none: unconditional
     network: str = "unet_small"                       # a key of diffuse.networks.NETWORKS
-    duration_kimg: float = 600.0
+    duration_kimg: float = setting(600.0, LENGTH)
     batch_size: int = 128
     lr: float = 1e-3
     warmup_kimg: float = 10.0
@@ -113,15 +135,16 @@ class Stage2Config:
     P_mean: float = -1.2
     P_std: float = 1.2
     grad_clip: float = 1.0                            # max global gradient norm (0 disables clipping)
-    checkpoint_every_kimg: float = 50.0
-    log_every_kimg: float = 5.0
-    images_per_class: int = 200                       # K pseudo-images per class
-    sampler: Literal["dpmpp_2m", "heun"] = "dpmpp_2m"
-    steps: int = 20
-    guidance_scale: float = 1.0                       # 0 = plain conditional model (eps = eps_c + s (eps_c - eps_u))
-    sample_batch_size: int = 250
-    sample_seed: int = 0
-    sample_chunk: int = 500                           # images per resumable generation chunk
+    checkpoint_every_kimg: float = setting(50.0, SCHEDULE)
+    log_every_kimg: float = setting(5.0, SCHEDULE)
+    # sampling the pseudo-images (new values regenerate them without retraining the model)
+    images_per_class: int = setting(200, SAMPLING)    # K pseudo-images per class
+    sampler: Literal["dpmpp_2m", "heun"] = setting("dpmpp_2m", SAMPLING)
+    steps: int = setting(20, SAMPLING)
+    guidance_scale: float = setting(1.0, SAMPLING)    # 0 = plain conditional model (eps = eps_c + s (eps_c - eps_u))
+    sample_batch_size: int = setting(250, SAMPLING)
+    sample_seed: int = setting(0, SAMPLING)
+    sample_chunk: int = setting(500, SAMPLING)        # images per resumable generation chunk
 
 
 @dataclass(frozen=True)
@@ -180,8 +203,8 @@ class EncoderConfig:
     crop_min: float = 0.3                             # random resized crop: smallest area fraction
     randaugment_ops: int = 2
     cutout: float = 0.25
-    checkpoint_every: int = 250
-    log_every: int = 50
+    checkpoint_every: int = setting(250, SCHEDULE)
+    log_every: int = setting(50, SCHEDULE)
     seed: int = 0                                     # its own seed: runs with other runtime.seed share it
 
 

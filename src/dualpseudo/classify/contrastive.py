@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..artifacts import ArtifactError, file_hash, load_weights, save_weights
-from ..config import EncoderConfig, hashable_dict
+from ..config import TRAINING, EncoderConfig, fields_in_roles
 from ..distributed import World, current
 from ..runtime import autocast
 from ..training import (DivergenceGuard, EpochSampler, StatsLog, generator_states, load_training_state,
@@ -44,7 +44,6 @@ ENCODER_FILE = "encoder.safetensors"
 STATE_FILE = "state.pt"
 STATS_FILE = "stats.jsonl"
 META_KEY = "dualpseudo_encoder"
-_RESUME_SAFE_FIELDS = ("checkpoint_every", "log_every")
 
 
 def trunk(network: str, in_channels: int, image_size: int) -> tuple[nn.Module, int]:
@@ -108,8 +107,9 @@ def view(x: torch.Tensor, generator: torch.Generator, cfg: EncoderConfig, hflip:
 
 
 def _resume_key(cfg: EncoderConfig, shape: tuple, num_images: int, seed: int) -> dict:
-    d = {k: v for k, v in hashable_dict(cfg).items() if k not in _RESUME_SAFE_FIELDS}
-    return {"encoder": d, "image_shape": list(shape), "num_images": num_images, "seed": seed}
+    """What a saved state must match to be resumed: the TRAINING fields (config.py's roles), not the schedule."""
+    return {"encoder": fields_in_roles(cfg, TRAINING), "image_shape": list(shape), "num_images": num_images,
+            "seed": seed}
 
 
 def train_encoder(cfg: EncoderConfig, images: np.ndarray, out_dir: str | Path, *, hflip: bool,

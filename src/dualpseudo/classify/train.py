@@ -23,7 +23,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ..artifacts import load_weights, save_weights
-from ..config import Stage1Config, hashable_dict
+from ..config import TRAINING, Stage1Config, fields_in_roles
 from ..distributed import World, current
 from ..runtime import autocast, to_device
 from ..training import (DivergenceGuard, EpochSampler, StatsLog, ema_update, generator_states, load_training_state,
@@ -34,8 +34,6 @@ from .ssl import DistAlign, FreeMatchThreshold, ssl_step
 
 STATE_FILE = "state.pt"
 STATS_FILE = "stats.jsonl"
-# Changing these between a run and its resume is harmless; any other Stage1Config field is not.
-_RESUME_SAFE_FIELDS = ("checkpoint_every", "log_every", "predict_batch_size")
 
 
 def cosine_lr(lr: float, step: int, total: int) -> float:
@@ -51,9 +49,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def _resume_key(cfg: Stage1Config, total: int, num_classes: int, shape: tuple) -> dict:
-    """What a saved state must match to be resumed."""
-    d = {k: v for k, v in hashable_dict(cfg).items() if k not in _RESUME_SAFE_FIELDS}
-    return {"stage1": d, "iterations": total, "num_classes": num_classes, "image_shape": list(shape)}
+    """What a saved state must match to be resumed: the TRAINING fields (config.py's roles), not the schedule."""
+    return {"stage1": fields_in_roles(cfg, TRAINING), "iterations": total, "num_classes": num_classes,
+            "image_shape": list(shape)}
 
 
 class _Batches:

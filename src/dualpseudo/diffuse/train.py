@@ -9,7 +9,6 @@ tensors; loadable with weights_only=True) and the inference snapshot written by 
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..artifacts import load_weights, save_weights
-from ..config import Stage2Config, config_hash
+from ..config import TRAINING, Stage2Config, config_hash, fields_in_roles
 from ..distributed import World, current
 from ..runtime import autocast, to_device
 from ..training import (DivergenceGuard, StatsLog, ema_update, generator_states, load_training_state,
@@ -28,9 +27,6 @@ from ..training import (DivergenceGuard, StatsLog, ema_update, generator_states,
 from .edm import EDMLoss, EDMPrecond
 from .networks import NETWORKS
 
-# Stage2Config fields that may change between a run and its resumption (they do not alter the trajectory).
-_RESUMABLE_CHANGES = ("duration_kimg", "checkpoint_every_kimg", "log_every_kimg", "images_per_class", "sampler",
-                      "steps", "guidance_scale", "sample_batch_size", "sample_seed", "sample_chunk")
 
 
 def build_model(network: str, img_channels: int, image_size: int, num_classes: int, sigma_data: float) -> EDMPrecond:
@@ -41,8 +37,9 @@ def build_model(network: str, img_channels: int, image_size: int, num_classes: i
 
 
 def _training_hash(cfg: Stage2Config, **extra) -> str:
-    fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _RESUMABLE_CHANGES}
-    return config_hash({**fields, **extra})
+    """What a saved state must match to be resumed: the TRAINING fields (config.py's roles) and `extra`; the
+    duration (a longer run continues a shorter one), checkpoint/log intervals and sampler settings may change."""
+    return config_hash({**fields_in_roles(cfg, TRAINING), **extra})
 
 
 def _batch(images: torch.Tensor, labels: torch.Tensor, batch_size: int, hflip: bool, gen: torch.Generator,
