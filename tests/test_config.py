@@ -2,7 +2,8 @@ import dataclasses
 
 import pytest
 
-from dualpseudo.config import ConfigError, ExperimentConfig, config_hash, load_config, to_yaml
+from dualpseudo.config import (SAMPLING, TRAINING, ConfigError, ExperimentConfig, config_hash, fields_in_roles,
+                               load_config, to_yaml)
 
 from conftest import ROOT
 
@@ -62,11 +63,12 @@ def test_config_is_frozen():
         cfg.stage1 = cfg.stage3
 
 
-def test_hash_exclude():
+def test_hash_of_fields_in_roles():
     a = load_config(None, ["stage2.steps=10"]).stage2
     b = load_config(None, ["stage2.steps=30"]).stage2
     assert config_hash(a) != config_hash(b)
-    assert config_hash(a, exclude=("steps",)) == config_hash(b, exclude=("steps",))
+    assert config_hash(fields_in_roles(a, TRAINING)) == config_hash(fields_in_roles(b, TRAINING))
+    assert fields_in_roles(a, SAMPLING)["steps"] == 10 and "lr" not in fields_in_roles(a, SAMPLING)
 
 
 def test_fields_added_later_keep_existing_hashes():

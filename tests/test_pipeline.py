@@ -277,3 +277,50 @@ def test_sample_grid_command(smoke_run, tmp_path, capsys):
     assert small.shape[0] == same.shape[0] and small.shape[1] < same.shape[1], "4 rows, 3 columns instead of 8"
     assert not (run / "sample_grid.png").exists()
 
+
+
+def test_new_stage2_sampling_field_resamples_without_retraining(smoke_run, tmp_path, capsys, monkeypatch):
+    """A field added to stage2 with the SAMPLING role (config.py, one line) and set: stage 1 is reused, stage 2
+    keeps its trained model and only samples again; stage 3 and the evaluation are planned to follow, and run
+    unless the new images are the same bytes (this field changes nothing, so they are reused by content)."""
+    import dataclasses
+    import shutil
+
+    from dualpseudo.config import SAMPLING, Stage2Config, added_later, load_config
+    from dualpseudo.stages import pipeline
+
+    run, base = smoke_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    cfg = load_config(SMOKE, [f"evaluation.cache_dir={base / 'cache'}"])
+    Extended = dataclasses.make_dataclass("Stage2Config", [("eta", float, added_later(0.0, SAMPLING))],
+                                          bases=(Stage2Config,), frozen=True)
+    new = dataclasses.replace(cfg, stage2=Extended(**dataclasses.asdict(cfg.stage2), eta=0.5))
+    monkeypatch.setattr(pipeline, "load_config", lambda *a, **k: new)
+    kept = {f: (copy / f).stat().st_mtime_ns for f in ("stage1/classifier.safetensors", "stage2/diffusion.safetensors",
+                                                       "stage2/state.pt", "stage2/stats.jsonl")}
+    sampled = (copy / "stage2/pseudo_images.npz").stat().st_mtime_ns
+    assert pipeline.main(SMOKE, [], copy, force=True, dry_run=True) == 0
+    planned = capsys.readouterr().out
+    assert "stage1                 reuse" in planned and "stage2                 run (its config changed)" in planned
+    assert "stage3                 run (an upstream" in planned and "evaluation             run (an up" in planned
+    assert pipeline.main(SMOKE, [], copy, force=True) == 0
+    out = capsys.readouterr().out
+    assert "[stage1] reused" in out and "[stage2] running (its config changed)" in out
+    assert "[stage3] reused" in out and "[evaluation] reused" in out     # the same images, by content
+    assert kept == {f: (copy / f).stat().st_mtime_ns for f in kept}          # no retraining of the model
+    assert (copy / "stage2/pseudo_images.npz").stat().st_mtime_ns != sampled  # sampled again
+
+
+def test_sampling_change_keeps_the_model_and_reruns_3_and_evaluation(smoke_run, tmp_path, capsys):
+    run, base = smoke_run
+    import shutil
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    model = (copy / "stage2/diffusion.safetensors").stat().st_mtime_ns
+    assert run_cli("run", SMOKE, "--run-dir", str(copy), "--set", f"evaluation.cache_dir={base / 'cache'}",
+                   "--set", "stage2.sample_seed=1", "--force") == 0
+    out = capsys.readouterr().out
+    assert "[stage1] reused" in out and "[stage2] running" in out
+    assert "[stage3] running" in out and "[evaluation] running" in out
+    assert (copy / "stage2/diffusion.safetensors").stat().st_mtime_ns == model

@@ -526,12 +526,10 @@ def _hash_text(obj: Any) -> str:
     return f"{type(obj).__qualname__}({inner})"
 
 
-def config_hash(section: Any, exclude: tuple[str, ...] = ()) -> str:
-    """A stable short hash of a config section (or any JSON-able value), leaving out the `exclude` fields.
+def config_hash(section: Any) -> str:
+    """A stable short hash of a config section (or any JSON-able value; `fields_in_roles` for part of a section).
 
     `added_later` fields holding their default are left out, so adding a field keeps existing hashes."""
     payload = hashable_dict(section) if dataclasses.is_dataclass(section) else section
-    if exclude:
-        payload = {k: v for k, v in payload.items() if k not in exclude}
     blob = json.dumps(payload, sort_keys=True, default=_hash_text).encode()
     return hashlib.sha256(blob).hexdigest()[:16]

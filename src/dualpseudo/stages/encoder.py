@@ -14,9 +14,10 @@ import torch
 
 from ..artifacts import atomic_write
 from ..classify.contrastive import save_encoder, train_encoder, trunk
-from ..config import ConfigError, ExperimentConfig, config_hash
+from ..config import ConfigError, ExperimentConfig
 from ..data.datasets import Dataset
 from ..distributed import World
+from .declare import ENCODER_DECL
 from .files import ENCODER, STATS
 
 FEATURE_LEARNERS = ("linear-probe", "label-propagation")
@@ -54,8 +55,8 @@ def check_feature_settings(cfg: ExperimentConfig, ds: Dataset) -> None:
 
 
 def encoder_key(cfg: ExperimentConfig, ds: Dataset) -> str:
-    return config_hash({"encoder": cfg.encoder, "dataset": ds.fingerprint, "hflip": cfg.data.hflip,
-                        "precision": cfg.runtime.precision})
+    """The encoder's cache key: what it reads (declare.ENCODER_DECL) and the dataset it trains on."""
+    return ENCODER_DECL.config_hash(cfg, dataset=ds.fingerprint)
 
 
 def ensure_encoder(cfg: ExperimentConfig, ds: Dataset, out: Path, device: torch.device, *, world: World,

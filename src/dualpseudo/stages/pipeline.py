@@ -1,7 +1,8 @@
 """The DPT pipeline: plan the stages, reuse the finished ones, run the rest, resume the interrupted one.
 
-A step is done when its manifest matches its config hash and the hashes of its inputs (the upstream files it
-reads), so changing a stage-2 setting re-runs stages 2 and 3 and keeps stage 1. Rounds after the first repeat
+A step is done when its manifest matches its config hash (of what its declaration in declare.py reads) and the
+hashes of its inputs (the upstream files it reads), so changing a stage-2 setting re-runs stages 2 and 3 and keeps
+stage 1. Rounds after the first repeat
 stages 2-3 with the newest classifier's pseudo-labels (`rounds: N`, beyond the paper).
 
 Under a data-parallel launch (`accelerate launch` / `torchrun`) every process runs every step: `main` joins the
@@ -26,7 +27,7 @@ import yaml
 from .. import __version__, distributed, runtime
 from ..artifacts import (ArtifactError, array_hash, file_hash, reset_if_stale, stage_status, write_json,
                          write_manifest, write_text)
-from ..config import ConfigError, ExperimentConfig, config_hash, from_dict, load_config, to_dict, to_yaml
+from ..config import ConfigError, ExperimentConfig, from_dict, load_config, to_dict, to_yaml
 from ..data.datasets import Dataset, DataError, DataMissingError, load_dataset
 from ..data.splits import labeled_split, read_indices
 from ..distributed import LOCAL, World
@@ -34,6 +35,7 @@ from ..rundir import RunDir, RunDirError
 from ..rundir import lock as lock_run_dir
 from . import files
 from .checks import check_run, named_file_inputs
+from .declare import ENCODER_DECL, EVALUATION, STAGE1, STAGE2, STAGE3, Declaration, feature_sections
 from .encoder import check_feature_settings, encoder_key, ensure_encoder, needs_encoder
 from .files import CLASSIFIER, ENCODER, FEATURES, STATE, STATS, Metrics, PseudoImages, PseudoLabels, Split
 
@@ -42,6 +44,7 @@ ALL_STAGES = ("stage1", "stage2", "stage3", "evaluation")  # (+ "encoder" before
 
 @dataclass
 class Step:
+    """One stage of one round; its hash, outputs and resumable files come from its declaration (declare.py)."""
     name: str                              # e.g. "stage2" or "round2/stage2"
     dir: Path
     config_hash: str
@@ -49,6 +52,12 @@ class Step:
     outputs: tuple[str, ...]               # the files of `dir` it writes, hashed into its manifest
     run: Callable[[], dict]                # runs it -> the summary for its manifest
     resumable: tuple[str, ...] = (STATE, STATS)  # training state, dropped when hashes change
+
+    @classmethod
+    def declared(cls, decl: Declaration, cfg: ExperimentConfig, name: str, dir: Path,
+                 inputs: Callable[[], dict[str, str]], run: Callable[[], dict]) -> "Step":
+        """The step of `decl` for `cfg` (the config it reads, the files it writes)."""
+        return cls(name, dir, decl.config_hash(cfg), inputs, decl.writes, run, decl.resumable)
 
 
 # ---------------------------------------------------------------------------------------------- run directory
@@ -162,9 +171,6 @@ class _Plan:
     idx: np.ndarray                  # the labeled split
     source: str                      # how it was chosen (split.json's `source`)
     encoder_file: Path | None        # the run's self-supervised encoder, when a learner reads its features
-    rt: dict                         # the runtime settings in every training step's hash
-    probe1: dict                     # the feature-learner config sections stage 1 depends on
-    probe3: dict                     # ... and stage 3
 
     def encoder_input(self) -> dict:
         return {"encoder": _hash_or_missing(self.encoder_file)} if self.encoder_file else {}
@@ -172,7 +178,7 @@ class _Plan:
     @property
     def stage1_features(self) -> Path | None:
         """Stage 1's cache of the real images' features, shared with stage 3 (feature learners only)."""
-        return self.run.stage1 / FEATURES if self.probe1 else None
+        return self.run.stage1 / FEATURES if feature_sections(self.cfg, self.cfg.stage1.learner) else None
 
 
 def build_steps(cfg: ExperimentConfig, run: RunDir, ds: Dataset, stages: tuple[str, ...], device,
@@ -192,12 +198,7 @@ def build_steps(cfg: ExperimentConfig, run: RunDir, ds: Dataset, stages: tuple[s
     check_feature_settings(cfg, ds)
     check_run(cfg, ds, stages)                            # networks, image geometry, files the config names
     idx, source = labeled_indices(cfg, ds)
-    # The feature-learner settings enter a stage's hash only where they are used, so other runs keep their hashes.
-    probe1 = _feature_sections(cfg, cfg.stage1.learner)
-    probe3 = {**probe1, **_feature_sections(cfg, cfg.stage3.mode),
-              **({"linear_probe": cfg.linear_probe} if cfg.stage3.filter == "agree" else {})}
-    p = _Plan(cfg, run, ds, device, world, idx, source, run.encoder / ENCODER if needs_encoder(cfg) else None,
-              {"seed": cfg.runtime.seed, "precision": cfg.runtime.precision}, probe1, probe3)
+    p = _Plan(cfg, run, ds, device, world, idx, source, run.encoder / ENCODER if needs_encoder(cfg) else None)
     steps = ([_encoder_step(p)] if p.encoder_file else []) + [_stage1_step(p)]
     if last < 1:
         return steps
@@ -215,8 +216,8 @@ def build_steps(cfg: ExperimentConfig, run: RunDir, ds: Dataset, stages: tuple[s
 def _encoder_step(p: _Plan) -> Step:
     """The self-supervised encoder, shared across runs (stages/encoder.py)."""
     d = p.run.encoder
-    return Step("encoder", d, encoder_key(p.cfg, p.ds), lambda: {"dataset": p.ds.fingerprint}, (ENCODER,),
-                lambda: ensure_encoder(p.cfg, p.ds, d, p.device, world=p.world), resumable=())
+    return Step("encoder", d, encoder_key(p.cfg, p.ds), lambda: {"dataset": p.ds.fingerprint}, ENCODER_DECL.writes,
+                lambda: ensure_encoder(p.cfg, p.ds, d, p.device, world=p.world), ENCODER_DECL.resumable)
 
 
 def _stage1_step(p: _Plan) -> Step:
@@ -230,9 +231,8 @@ def _stage1_step(p: _Plan) -> Step:
         return Metrics(run_stage1(cfg, ds, p.idx, p.source, s1, p.device, world=p.world,
                                   encoder_file=p.encoder_file)).classifier_summary()
 
-    return Step("stage1", s1, config_hash({"data": cfg.data, "stage1": cfg.stage1, **p.rt, **p.probe1}),
-                lambda: {"dataset": ds.fingerprint, **p.encoder_input(), **index_input,
-                         **named_file_inputs(cfg, "stage1")}, files.STAGE1_OUTPUTS, run)
+    return Step.declared(STAGE1, cfg, "stage1", s1, lambda: {"dataset": ds.fingerprint, **p.encoder_input(),
+                                                             **index_input, **named_file_inputs(cfg, "stage1")}, run)
 
 
 def _stage2_step(p: _Plan, r: int, labels_dir: Path) -> Step:
@@ -247,43 +247,39 @@ def _stage2_step(p: _Plan, r: int, labels_dir: Path) -> Step:
             return {"dataset": ds.fingerprint, **named_file_inputs(cfg, "stage2")}
         return {"pseudo_labels": _hash_or_missing(PseudoLabels.path(labels_dir)), **named_file_inputs(cfg, "stage2")}
 
-    latent = {"latent": cfg.latent} if cfg.latent.autoencoder != "none" else {}
-    return Step(f"{_tag(r)}stage2", d2, config_hash({"stage2": cfg.stage2, "hflip": cfg.data.hflip, **p.rt,
-                                                     **latent}), inputs, files.STAGE2_OUTPUTS,
-                lambda: run_stage2(cfg, ds, labels_dir if pseudo else None, d2, p.device, world=p.world),
-                resumable=())
+    return Step.declared(STAGE2, cfg, f"{_tag(r)}stage2", d2, inputs,
+                         lambda: run_stage2(cfg, ds, labels_dir if pseudo else None, d2, p.device, world=p.world))
 
 
 def _stage3_step(p: _Plan, r: int) -> Step:
     """Round `r`'s retraining on real data plus that round's pseudo-images."""
     cfg, s1, d2 = p.cfg, p.run.stage1, p.run.stage("stage2", r)
-    return _retrain_step(p, f"{_tag(r)}stage3", p.run.stage("stage3", r), cfg, replace(cfg.stage3, baseline=False),
-                         d2, lambda: {"pseudo_images": _hash_or_missing(PseudoImages.path(d2)),
-                                      "split": _hash_or_missing(Split.path(s1)), **p.encoder_input(),
-                                      **_real_pseudo_input(cfg, s1), **named_file_inputs(cfg, "stage3")})
+    return _retrain_step(p, f"{_tag(r)}stage3", p.run.stage("stage3", r), cfg, d2,
+                         lambda: {"pseudo_images": _hash_or_missing(PseudoImages.path(d2)),
+                                  "split": _hash_or_missing(Split.path(s1)), **p.encoder_input(),
+                                  **_real_pseudo_input(cfg, s1), **named_file_inputs(cfg, "stage3")})
 
 
 def _baseline_step(p: _Plan, r: int) -> Step:
     """Stage 3 again with K real pseudo-labeled images per class instead of generated ones (self-training)."""
     cfg, s1 = p.cfg, p.run.stage1
     real = replace(cfg, stage3=replace(cfg.stage3, baseline=False, pseudo_source="real"))
-    return _retrain_step(p, f"{_tag(r)}stage3-baseline", p.run.stage("stage3_baseline", r), real, real.stage3,
+    return _retrain_step(p, f"{_tag(r)}stage3-baseline", p.run.stage("stage3_baseline", r), real,
                          p.run.stage("stage2", r),
                          lambda: {"split": _hash_or_missing(Split.path(s1)), **p.encoder_input(),
                                   **_real_pseudo_input(real, s1), **named_file_inputs(cfg, "stage3")})
 
 
-def _retrain_step(p: _Plan, name: str, out: Path, run_cfg: ExperimentConfig, hashed_stage3, d2: Path,
+def _retrain_step(p: _Plan, name: str, out: Path, run_cfg: ExperimentConfig, d2: Path,
                   inputs: Callable[[], dict]) -> Step:
-    """A stage-3 step writing `out`: `run_cfg` runs, `hashed_stage3` (its stage3 section) enters the hash."""
+    """A stage-3 step writing `out` with the config `run_cfg` (what it reads: declare.STAGE3)."""
     def run() -> dict:
         from .retrain import run_stage3
         return Metrics(run_stage3(run_cfg, p.ds, p.idx, d2, out, p.device, _stage1_top1(p.run.stage1),
                                   world=p.world, feature_cache=p.stage1_features, encoder_file=p.encoder_file,
                                   stage1=p.run.stage1)).classifier_summary()
 
-    return Step(name, out, config_hash({"stage3": hashed_stage3, "stage1": p.cfg.stage1, "hflip": p.cfg.data.hflip,
-                                        **p.rt, **p.probe3}), inputs, files.STAGE3_OUTPUTS, run)
+    return Step.declared(STAGE3, run_cfg, name, out, inputs, run)
 
 
 def _evaluation_step(p: _Plan, r: int) -> Step:
@@ -302,21 +298,11 @@ def _evaluation_step(p: _Plan, r: int) -> Step:
                 # a pool is judged by stage 3's classifier (no oracle)
                 **({} if ds.train_labels_known else {"stage3": _hash_or_missing(d3 / CLASSIFIER)})}
 
-    return Step(f"{_tag(r)}evaluation", de, config_hash({"evaluation": cfg.evaluation}), inputs,
-                files.EVALUATION_OUTPUTS, run, resumable=())
+    return Step.declared(EVALUATION, cfg, f"{_tag(r)}evaluation", de, inputs, run)
 
 
 def _tag(r: int) -> str:
     return "" if r == 1 else f"round{r}/"
-
-
-def _feature_sections(cfg: ExperimentConfig, learner: str) -> dict:
-    """The config sections a feature learner depends on (none for the network learners)."""
-    if learner == "linear-probe":
-        return {"linear_probe": cfg.linear_probe}
-    if learner == "label-propagation":
-        return {"linear_probe": cfg.linear_probe, "graph": cfg.graph}
-    return {}
 
 
 def _real_pseudo_input(cfg: ExperimentConfig, stage1: Path) -> dict:

@@ -16,12 +16,13 @@ import numpy as np
 import torch
 
 from ..artifacts import array_hash, concerning, reset_if_stale
-from ..config import ExperimentConfig, config_hash
+from ..config import ExperimentConfig
 from ..data.datasets import Dataset
 from ..distributed import World
 from ..diffuse.generate import generate_chunks
 from ..diffuse.train import load_diffusion, save_diffusion, train_diffusion
 from ..figures import save_grid
+from .declare import stage2_model_key, stage2_sampling_key
 from .files import DIFFUSION, GRID, STATE, STATS, PseudoImages, PseudoLabels
 
 TRAIN_FILES = (STATE, STATS, DIFFUSION)
@@ -61,13 +62,10 @@ def run_stage2(cfg: ExperimentConfig, ds: Dataset, labels_dir: Path | None, out:
     s2 = cfg.stage2
     pseudo = PseudoLabels.load(labels_dir) if labels_dir else None
     labels = conditioning_labels(cfg, ds, pseudo)
-    train_key = {"stage2_train": config_hash(s2, exclude=SAMPLING_FIELDS), "seed": cfg.runtime.seed,
-                 "precision": cfg.runtime.precision, "hflip": cfg.data.hflip,
-                 "labels": array_hash(labels), "dataset": ds.fingerprint}
+    train_key = {**stage2_model_key(cfg), "labels": array_hash(labels), "dataset": ds.fingerprint}
     data, decode, image_shape, latent_meta = ds.train_images, None, None, {}
     if cfg.latent.autoencoder != "none":                # latent diffusion: train/load the autoencoder, cache latents
         data, decode, latent_meta = _latents(cfg, ds, out, device, world, progress)
-        train_key["latent"] = config_hash(cfg.latent)
         image_shape = tuple(ds.image_shape)
     retrained = world.broadcast(reset_if_stale(out, train_key, TRAIN_FILES) if world.is_main else None)
 
@@ -84,8 +82,8 @@ def run_stage2(cfg: ExperimentConfig, ds: Dataset, labels_dir: Path | None, out:
         if world.is_main:
             save_diffusion(out / DIFFUSION, ema, meta)
 
-    # Sampling: its own key, so new sampler settings regenerate without retraining.
-    sample_key = {"model": train_key, **{k: getattr(s2, k) for k in SAMPLING_FIELDS}}
+    # Sampling: its own key (the SAMPLING fields), so new sampler settings regenerate without retraining.
+    sample_key = stage2_sampling_key(cfg, train_key)
     if world.is_main:
         reset_if_stale(out, sample_key, ("chunks",), key_file="sample_key.json")
     world.barrier()
@@ -134,7 +132,3 @@ def _latents(cfg: ExperimentConfig, ds: Dataset, out: Path, device: torch.device
     meta = {"latent": {"autoencoder": cfg.latent.autoencoder, "autoencoder_path": cfg.latent.autoencoder_path,
                        "scale": scale, "image_shape": list(ds.image_shape)}}
     return latents, latent_decoder(ae, scale, device), meta
-
-
-SAMPLING_FIELDS = ("images_per_class", "sampler", "steps", "guidance_scale", "sample_batch_size", "sample_seed",
-                   "sample_chunk")
