@@ -121,7 +121,7 @@ def test_init_from_an_encoder_of_another_network_is_an_error(tmp_path, capsys):
 def test_agreement_filter_keeps_what_the_judge_agrees_with(tmp_path):
     from dualpseudo.config import load_config
     from dualpseudo.data.datasets import load_dataset
-    from dualpseudo.stages.pseudo_labels import judge_agreement
+    from dualpseudo.stages.learner import judge_agreement
     cfg = load_config(SMOKE_GRAPH, ["linear_probe.encoder=pixels", "linear_probe.l2_strength=1e-4"])
     ds = load_dataset(cfg.data)
     labeled = np.array([np.flatnonzero(ds.train_labels == c)[0] for c in range(4)] +

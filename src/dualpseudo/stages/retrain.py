@@ -10,9 +10,9 @@ ImageNet recipe; the unlabeled real images only give the centring mean and recei
 `pseudo_source: real` is the baseline that tells what the generator adds: instead of generated images, stage 3
 takes, for every class, the K real unlabeled images that stage 1 labeled that class most confidently (plain
 self-training with the same number of extra labeled images). `filter: agree` keeps only the pseudo-images that
-an independent judge puts in the class they were generated for (`pseudo_labels.judge_agreement`).
+an independent judge puts in the class they were generated for (`learner.judge_agreement`).
 
-Stage 3 is stage 1's counterpart over the same learner (`pseudo_labels.fit_and_label`, which writes the
+Stage 3 is stage 1's counterpart over the same learner (`learner.fit_and_label`, which writes the
 classifier and the pseudo-labels and returns the metrics): each stage writes its own metrics.json once.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ from ..config import ExperimentConfig
 from ..data.datasets import Dataset
 from ..distributed import World
 from .files import FEATURES, Metrics, PseudoImages, PseudoLabels
-from .pseudo_labels import fit_and_label, judge_agreement
+from .learner import fit_and_label, judge_agreement
 
 
 def stage3_learner(cfg: ExperimentConfig) -> str:
