@@ -12,7 +12,8 @@ from typing import Callable
 import numpy as np
 
 from .figures import bars_png, curves_png, heatmap_png, as_number
-from .stages.files import CLASSIFIER, DIFFUSION, GRID, METRICS, STATS, Metrics, PseudoImages, Split, wall_time_s
+from .stages.files import (CLASSIFIER, DIFFUSION, GRID, METRICS, STATS, Metrics, PseudoImages, Split, get_path,
+                           read_object, wall_time_s)
 
 
 # ------------------------------------------------------------------------------------------------ the run report
@@ -36,10 +37,10 @@ def write_report(run) -> Path:
     rounds = _rounds(run)
     cfg_text, cfg = _config(run)
     s1 = Metrics.read(run.stage1)
-    names = _artifact_class_names(run) or _class_names(_get(cfg, "data", "name"), _num_classes(run, rounds, s1))
+    names = _artifact_class_names(run) or _class_names(get_path(cfg, "data", "name"), _num_classes(run, rounds, s1))
     blocks: list[Block] = [("h", 1, f"DPT run report: {run.root.name}")]
     blocks += _headline(run, rounds, cfg, s1)
-    blocks += _grid_section(run, rounds, _get(cfg, "stage2", "label_source") == "none", names)
+    blocks += _grid_section(run, rounds, get_path(cfg, "stage2", "label_source") == "none", names)
     blocks += _curves_section(run, rounds)
     blocks += _per_class_section(run, rounds, s1, names)
     blocks += _config_section(run, cfg_text)
@@ -53,26 +54,6 @@ def write_report(run) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------------- reading
-def _json(path: Path) -> dict:
-    """A JSON object, or {} when the file is missing, unreadable or not an object."""
-    from .artifacts import ArtifactError, read_json
-
-    try:
-        obj = read_json(path)
-    except ArtifactError:
-        return {}
-    return obj if isinstance(obj, dict) else {}
-
-
-def _get(d, *keys, default=None):
-    """d[k1][k2]... or `default` when any level is missing or not a dict."""
-    for k in keys:
-        if not isinstance(d, dict) or k not in d:
-            return default
-        d = d[k]
-    return d
-
-
 def _config(run) -> tuple[str | None, dict]:
     try:
         text = run.config.read_text()
@@ -265,12 +246,12 @@ def _headline_metrics() -> list[tuple[str, str, Callable[[Metrics], str]]]:
 
 def _headline(run, rounds: list[int], cfg: dict, s1: Metrics) -> list[Block]:
     split = Split.read(run.stage1)
-    info = [["dataset", str(_get(cfg, "data", "name", default=NA))],
-            ["labels per class", str(_get(cfg, "data", "labels_per_class", default=NA))],
+    info = [["dataset", str(get_path(cfg, "data", "name", default=NA))],
+            ["labels per class", str(get_path(cfg, "data", "labels_per_class", default=NA))],
             ["labeled images", _or_na(split and split.num_labeled)],
             ["stage-1 learner / network", f"{_or_na(s1.learner)} / {_or_na(s1.network)}"],
             ["DPT rounds", str(len(rounds))]]
-    source = _get(cfg, "stage2", "label_source", default="pseudo")
+    source = get_path(cfg, "stage2", "label_source", default="pseudo")
     if source != "pseudo":                                   # a reference generator, not DPT
         info.append(["stage-2 training labels", LABEL_SOURCES.get(source, str(source))])
     out: list[Block] = [("h", 2, "Summary"), ("table", ["run", "value"], info)]
@@ -397,7 +378,7 @@ def _config_section(run, cfg_text: str | None) -> list[Block]:
     out: list[Block] = [("h", 2, "Configuration")]
     out.append(("pre", cfg_text) if cfg_text else ("note", "No config.yaml yet."))
     out.append(("h", 2, "Environment"))
-    env = _json(run.env)
+    env = read_object(run.env)
     out.append(("pre", json.dumps(env, indent=2, default=str)) if env else ("note", "No env.json yet."))
     return out
 

@@ -42,16 +42,17 @@ STAGE3_OUTPUTS = (CLASSIFIER, PSEUDO_LABELS, METRICS)
 EVALUATION_OUTPUTS = (METRICS,)
 
 
-def _get(d, *keys):
-    """d[k1][k2]... or None when any level is missing or not a dict."""
+def get_path(d, *keys, default=None):
+    """d[k1][k2]... or `default` when any level is missing or not a dict."""
     for k in keys:
         if not isinstance(d, dict) or k not in d:
-            return None
+            return default
         d = d[k]
     return d
 
 
-def _read_object(path: Path) -> dict:
+
+def read_object(path: Path) -> dict:
     """A JSON object, or {} when the file is missing, unreadable or not an object."""
     try:
         obj = read_json(path)
@@ -93,7 +94,7 @@ class Split:
     @classmethod
     def read(cls, stage_dir: Path) -> Split | None:
         """The split in `stage_dir`, None when there is none or it is unreadable; fields it lacks are None."""
-        d = _read_object(cls.path(stage_dir))
+        d = read_object(cls.path(stage_dir))
         if not d:
             return None
         per_class = d.get("per_class")
@@ -203,7 +204,7 @@ class Metrics:
     @classmethod
     def read(cls, stage_dir: Path) -> Metrics:
         """The metrics in `stage_dir`, empty when there are none or they are unreadable (for reports)."""
-        return cls(_read_object(cls.path(stage_dir)))
+        return cls(read_object(cls.path(stage_dir)))
 
     # -- classifier steps
     @property
@@ -221,25 +222,25 @@ class Metrics:
 
     @property
     def test_top1(self) -> float | None:
-        return _get(self.data, "test", "top1")
+        return get_path(self.data, "test", "top1")
 
     @property
     def test_per_class_accuracy(self) -> list | None:
-        return _get(self.data, "test", "per_class_accuracy")
+        return get_path(self.data, "test", "per_class_accuracy")
 
     @property
     def test_confusion(self) -> list | None:
         """(C, C) counts on the test set, rows the true class."""
-        return _get(self.data, "test", "confusion")
+        return get_path(self.data, "test", "confusion")
 
     @property
     def pseudo_label_accuracy(self) -> float | None:
-        return _get(self.data, "pseudo_labels", "accuracy")
+        return get_path(self.data, "pseudo_labels", "accuracy")
 
     @property
     def pseudo_labels_unavailable(self) -> str | None:
         """Why pseudo-label quality could not be measured (a pool of unlabeled images), else None."""
-        why = _get(self.data, "pseudo_labels", "not_available")
+        why = get_path(self.data, "pseudo_labels", "not_available")
         return why if isinstance(why, str) else None
 
     @property
@@ -257,7 +258,7 @@ class Metrics:
     @property
     def pseudo_label_confusion(self) -> list | None:
         """(C, C) counts of the pseudo-labels on the unlabeled pool, rows the true class."""
-        return _get(self.data, "pseudo_labels", "confusion_matrix")
+        return get_path(self.data, "pseudo_labels", "confusion_matrix")
 
     def _pseudo_labels(self) -> dict:
         pl = self.data.get("pseudo_labels")
@@ -289,30 +290,30 @@ class Metrics:
 
     @property
     def class_consistency_accuracy(self) -> float | None:
-        return _get(self.data, "class_consistency", "accuracy")
+        return get_path(self.data, "class_consistency", "accuracy")
 
     @property
     def class_consistency_unavailable(self) -> str | None:
         """Why class consistency could not be measured (no oracle for a pool), else None."""
-        why = _get(self.data, "not_available", "class_consistency")
+        why = get_path(self.data, "not_available", "class_consistency")
         return why if isinstance(why, str) and why else None
 
     @property
     def class_consistency_per_class(self) -> list | None:
-        return _get(self.data, "class_consistency", "per_class_accuracy")
+        return get_path(self.data, "class_consistency", "per_class_accuracy")
 
     @property
     def class_consistency_confusion(self) -> list | None:
         """(C, C) counts of the oracle's predictions of the pseudo-images, rows the conditioning class."""
-        return _get(self.data, "class_consistency", "confusion_matrix")
+        return get_path(self.data, "class_consistency", "confusion_matrix")
 
     @property
     def judged_by_stage3_accuracy(self) -> float | None:
-        return _get(self.data, "judged_by_stage3", "accuracy")
+        return get_path(self.data, "judged_by_stage3", "accuracy")
 
     def precision_recall(self, key: str) -> float | None:
         """`precision`, `recall`, `density` or `coverage` of the pseudo-images against real images."""
-        return _get(self.data, "precision_recall", key)
+        return get_path(self.data, "precision_recall", key)
 
     @property
     def domain_fd(self) -> float | None:
@@ -320,7 +321,7 @@ class Metrics:
 
     @property
     def oracle_test_top1(self) -> float | None:
-        return _get(self.data, "oracle", "test_top1")
+        return get_path(self.data, "oracle", "test_top1")
 
     def evaluation_summary(self) -> dict:
         """The summary the evaluation step's manifest records."""
@@ -347,4 +348,4 @@ def step_record(summary: dict, wall_time_s: float | None = None) -> dict:
 
 def wall_time_s(stage_dir: Path) -> float | None:
     """The recorded wall time of a finished step, None when it has none."""
-    return _get(read_manifest(stage_dir), "wall_time_s")
+    return get_path(read_manifest(stage_dir), "wall_time_s")
