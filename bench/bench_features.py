@@ -19,7 +19,6 @@ Use held-out splits (not the ones a reported table uses): the numbers here choos
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -36,6 +35,8 @@ from dualpseudo.config import load_config  # noqa: E402
 from dualpseudo.data.datasets import load_dataset  # noqa: E402
 from dualpseudo.diffuse.train import load_diffusion  # noqa: E402
 from dualpseudo.evaluate.features import extract_features  # noqa: E402
+from dualpseudo.stages.files import Split  # noqa: E402
+from dualpseudo.training import to_float  # noqa: E402
 
 
 @torch.inference_mode()
@@ -47,7 +48,7 @@ def diffusion_features(path: Path, images: np.ndarray, sigma: float, batch_size:
         | {f"dec{i}": m for i, m in enumerate(net.dec)}
     out: dict[str, list[np.ndarray]] = {k: [] for k in blocks}
     for start in range(0, len(images), batch_size):
-        x = torch.from_numpy(images[start:start + batch_size]).permute(0, 3, 1, 2).float() / 127.5 - 1
+        x = to_float(torch.from_numpy(images[start:start + batch_size]).permute(0, 3, 1, 2))
         noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(start))
         s = torch.full((len(x),), sigma)
         c_in = (1 / (0.25 + s ** 2).sqrt()).view(-1, 1, 1, 1)          # EDM's c_in, sigma_data = 0.5
@@ -79,8 +80,8 @@ def normalised(f: np.ndarray) -> np.ndarray:
 def bench_run(run: Path, subset: int, sigmas: list[float]) -> dict[str, float]:
     cfg = load_config(run / "config.yaml")
     ds = load_dataset(cfg.data)
-    split = json.loads((run / "stage1" / "split.json").read_text())
-    labeled_all = np.array(sorted(i for v in split["per_class"].values() for i in v))
+    split = Split.read(run / "stage1")
+    labeled_all = np.array(sorted(i for v in split.per_class.values() for i in v))
     rows = np.arange(len(ds.train_images))
     if subset:
         rows = np.union1d(labeled_all, np.random.default_rng(0).choice(len(rows), subset, replace=False))
