@@ -153,7 +153,10 @@ def load_classifier(run_dir: str | Path, stage: int = 3, device: str | torch.dev
         nodes, scores = tensors["features"].float().numpy(), tensors["scores"].double()
 
         def proba(images: np.ndarray) -> np.ndarray:
-            return graph.probabilities(graph.predict_new(nodes, scores, feats(encoder, images), int(meta["k"])))
+            f = feats(encoder, images)
+            if "whiten_projection" in tensors:
+                f = graph.whiten(f, tensors["whiten_mean"].float(), tensors["whiten_projection"].float())
+            return graph.probabilities(graph.predict_new(nodes, scores, f, int(meta["k"])))
         kind = "label-propagation"
     else:
         _, meta = load_weights(path, key, "dualpseudo classifier")

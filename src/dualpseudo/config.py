@@ -219,6 +219,7 @@ class GraphConfig:
     k: int = 10                                       # neighbours per image
     max_iter: int = 2000                              # cap on Poisson iterations (stops at random-walk mixing)
     balanced: bool = True                             # each class gets its share among the labeled images
+    whiten: int = added_later(0)                      # PCA-whiten the features to this many dimensions (0: off)
 
 
 @dataclass(frozen=True)
@@ -347,6 +348,7 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "encoder.log_every": (lambda v: v > 0, "> 0"),
     "graph.k": (lambda v: v >= 1, ">= 1"),
     "graph.max_iter": (lambda v: v >= 1, ">= 1"),
+    "graph.whiten": (lambda v: v >= 0, ">= 0 (0: off)"),
     "latent.latent_channels": (lambda v: v >= 1, ">= 1"),
     "latent.width": (lambda v: v >= 4 and v % 2 == 0, "an even number >= 4"),
     "latent.levels": (lambda v: v >= 1, ">= 1"),

@@ -21,6 +21,10 @@ paper, as a volume constraint): no class can collapse into another. Scores are u
 deviation of u; `probabilities` is their softmax, a ranking of confidence rather than a calibrated probability.
 
 New images (the test split) get the weighted mean score of their k nearest graph nodes (inductive).
+
+`whitening` (optional, `graph.whiten`) maps features to their top principal directions scaled to unit variance,
+fitted on the real training images without labels, before the graph is built: a few high-variance directions
+(overall brightness, garment size) no longer dominate the Euclidean distances between normalised features.
 """
 from __future__ import annotations
 
@@ -111,6 +115,28 @@ def poisson(W: torch.Tensor, labeled: np.ndarray, labels: np.ndarray, num_classe
         if (walk - stationary).abs().max() <= (1.0 / n if tol is None else tol):
             break
     return u, t
+
+
+def whitening(feats: np.ndarray | torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """PCA whitening fitted on `feats` (N, D): (mean (D,), projection (D, dim)) float32, such that
+    `whiten(feats, mean, projection)` has zero mean and identity covariance over `feats`."""
+    x = torch.as_tensor(np.asarray(feats), dtype=torch.float64)
+    n, d = x.shape
+    if not 1 <= dim <= d:
+        raise ValueError(f"graph.whiten={dim} asks for more dimensions than the encoder's {d} features; "
+                         f"use 1-{d}, or 0 for no whitening")
+    mean = x.mean(0)
+    cov = (x - mean).T @ (x - mean) / max(n - 1, 1)                                   # (D, D)
+    eigval, eigvec = torch.linalg.eigh(cov)                                           # ascending
+    top = torch.argsort(eigval, descending=True)[:dim]
+    scale = eigval[top].clamp_min(1e-12 * float(eigval.max().clamp_min(1e-300))).rsqrt()
+    return mean.float(), (eigvec[:, top] * scale).float()
+
+
+def whiten(feats: np.ndarray | torch.Tensor, mean: torch.Tensor, projection: torch.Tensor) -> np.ndarray:
+    """(N, D) features -> (N, dim) whitened features (float32 numpy)."""
+    x = torch.as_tensor(np.asarray(feats), dtype=torch.float32)
+    return ((x - mean) @ projection).numpy()
 
 
 def balance_offsets(scores: torch.Tensor, target: torch.Tensor, iterations: int = 300) -> torch.Tensor:

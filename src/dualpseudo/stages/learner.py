@@ -204,23 +204,32 @@ def _fit_and_label_graph(cfg: ExperimentConfig, ds: Dataset, labeled_idx: np.nda
         labels = np.concatenate([labels, np.asarray(y_pseudo, dtype=np.int64)])
         strength = np.concatenate([strength, np.full(len(f_ps), cfg.stage3.pseudo_weight)])
     pool = np.setdiff1d(np.arange(len(f_train)), labeled_idx)
+    transform, whiten = {}, ({"whiten": g.whiten} if g.whiten else {})
+    if g.whiten:                                          # fitted on the real training images, without labels
+        mean, projection = graph.whitening(f_train, g.whiten)
+        transform = {"whiten_mean": mean, "whiten_projection": projection}
+        nodes = graph.whiten(nodes, mean, projection)
     result = graph.propagate(nodes, labeled, labels, ds.num_classes, k=g.k, max_iter=g.max_iter,
                              balanced=g.balanced, score_of=pool, strength=strength)
     scores = result["scores"]                                              # (N [+ P], C)
     tensors = {"scores": scores.float().contiguous(),                     # the nodes' features: for new images
-               "features": torch.as_tensor(np.ascontiguousarray(nodes, np.float32))}
+               "features": torch.as_tensor(np.ascontiguousarray(nodes, np.float32)), **transform}
     save_weights(out / CLASSIFIER, tensors, {
-        "network": "label-propagation", **features.meta, "k": g.k, "num_classes": ds.num_classes,
+        "network": "label-propagation", **features.meta, "k": g.k, **whiten, "num_classes": ds.num_classes,
         "num_nodes": int(len(nodes)), "in_channels": ds.image_shape[2], "image_size": ds.image_shape[0],
         "class_names": list(ds.class_names)}, "dualpseudo_graph")
     test_probs = None
     if len(ds.test_images):
-        test_probs = graph.probabilities(graph.predict_new(nodes, scores, features(ds.test_images, "test"), g.k))
+        f_test = features(ds.test_images, "test")
+        if transform:
+            f_test = graph.whiten(f_test, transform["whiten_mean"], transform["whiten_projection"])
+        test_probs = graph.probabilities(graph.predict_new(nodes, scores, f_test, g.k))
     metrics = _label_and_measure(ds, labeled_idx, out, graph.probabilities(scores[:len(f_train)]), test_probs,
                                  "Poisson learning at convergence (no selection on the test split)")
     metrics["learner"] = "label-propagation"
     metrics["network"] = f"{features.meta['encoder']} features + Poisson learning (k={g.k})"
-    metrics["graph"] = {**features.meta, "k": g.k, "balanced": g.balanced, "iterations": result["iterations"],
+    metrics["graph"] = {**features.meta, "k": g.k, "balanced": g.balanced, **whiten,
+                        "iterations": result["iterations"],
                         "num_nodes": int(len(nodes)), "num_labeled_nodes": int(len(labeled)),
                         "pseudo_weight": cfg.stage3.pseudo_weight if len(labeled) > len(labeled_idx) else None,
                         "class_offsets": result["offsets"].tolist()}
