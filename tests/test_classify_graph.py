@@ -112,3 +112,23 @@ def test_most_confident_real_picks_per_class_by_confidence_then_index():
     # class 0: image 5 is labeled (never picked); 0 and 2 tie at 0.9 -> lower index first; class 1: 4 (.8), 3 (.7)
     assert most_confident_real(pl, 2, 2).tolist() == [0, 2, 4, 3]
     assert most_confident_real(pl, 5, 2).tolist() == [0, 2, 1, 4, 3, 6]       # a class gives all it has
+
+
+def test_whitening_gives_zero_mean_identity_covariance_in_the_top_directions():
+    rng = np.random.default_rng(0)
+    axes = np.linalg.qr(rng.normal(size=(5, 5)))[0]                    # orthonormal principal directions
+    x = (rng.normal(size=(4000, 5)) * np.array([10, 5, 2, 1, 0.1])) @ axes.T + 3.0
+    mean, proj = graph.whitening(x, 5)
+    w = graph.whiten(x, mean, proj)
+    np.testing.assert_allclose(w.mean(0), 0, atol=1e-4)
+    np.testing.assert_allclose(np.cov(w.T), np.eye(5), atol=1e-3)
+    mean2, proj2 = graph.whitening(x, 2)                                # the two largest directions, unit scale
+    w2 = graph.whiten(x, mean2, proj2)
+    assert w2.shape == (4000, 2)
+    np.testing.assert_allclose(np.abs(proj2.numpy().T @ axes[:, :2]) * np.array([10, 5]), np.eye(2), atol=0.05)
+    np.testing.assert_allclose(np.cov(w2.T), np.eye(2), atol=1e-3)
+
+
+def test_whitening_to_more_dimensions_than_the_features_is_an_error_naming_the_key():
+    with pytest.raises(ValueError, match="graph.whiten=4"):
+        graph.whitening(np.zeros((10, 3)), 4)

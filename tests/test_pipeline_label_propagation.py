@@ -81,6 +81,7 @@ def test_real_pseudo_image_baseline_takes_the_most_confident_real_images(graph_r
 @pytest.mark.parametrize("override, key", [
     ("data.synthetic_size=12", "encoder.network"),
     ("graph.k=500", "graph.k"),
+    ("graph.whiten=257", "graph.whiten"),
     ("encoder.batch_size=1000", "encoder.batch_size"),
 ])
 def test_bad_feature_settings_are_one_error_line(tmp_path, capsys, override, key):
@@ -178,3 +179,25 @@ def test_linear_probe_on_the_encoder_features(graph_run):
     m1 = read_json(other / "stage1/metrics.json")
     assert m1["learner"] == "linear-probe" and m1["linear_probe"]["encoder"] == "ssl"
     assert m1["linear_probe"]["feature_dim"] == 256 and m1["linear_probe"]["extractor_id"].startswith("ssl:")
+
+
+def test_whitened_graph_labels_through_stage1_and_the_api(graph_run):
+    import dualpseudo
+    from dualpseudo.artifacts import load_weights
+    from dualpseudo.data.datasets import make_synthetic
+    run, base = graph_run
+    other = base / "whiten"
+    assert main(["stage1", SMOKE_GRAPH, "--run-dir", str(other), "--set", "graph.whiten=8",
+                 "--set", f"evaluation.cache_dir={base / 'cache'}"]) == 0
+    m = read_json(other / "stage1/metrics.json")
+    assert m["graph"]["whiten"] == 8 and "whiten" not in read_json(run / "stage1/metrics.json")["graph"]
+    tensors, meta = load_weights(other / "stage1/classifier.safetensors", "dualpseudo_graph", "graph")
+    assert tensors["features"].shape == (192, 8) and tensors["whiten_projection"].shape[1] == 8
+    assert meta["whiten"] == 8
+    # the same encoder (shared cache), other node features: the labels differ from the unwhitened graph's
+    pl0 = load_npz(run / "stage1/pseudo_labels.npz", ("confidence",))["confidence"]
+    pl1 = load_npz(other / "stage1/pseudo_labels.npz", ("confidence",))["confidence"]
+    assert not np.allclose(pl0, pl1)
+    ds = make_synthetic(4, 48, 16, size=16, seed=0)
+    top1 = float((dualpseudo.load_classifier(other, stage=1).predict(ds.test_images) == ds.test_labels).mean())
+    assert top1 == pytest.approx(m["test"]["top1"], abs=1.01 / 64)    # new images go through the same whitening

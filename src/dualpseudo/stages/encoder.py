@@ -52,6 +52,20 @@ def check_feature_settings(cfg: ExperimentConfig, ds: Dataset) -> None:
     if "label-propagation" in (cfg.stage1.learner, cfg.stage3.mode) and cfg.graph.k >= n:
         raise ConfigError(f"graph.k: {cfg.graph.k} neighbours per image, but the graph has only {n} training "
                           f"images; choose graph.k < {n}")
+    if "label-propagation" in (cfg.stage1.learner, cfg.stage3.mode) and cfg.graph.whiten:
+        _check_whiten(cfg, ds)
+
+
+def _check_whiten(cfg: ExperimentConfig, ds: Dataset) -> None:
+    """graph.whiten can keep at most as many dimensions as the features have (and the images can span)."""
+    h, w, c = ds.image_shape
+    dim = {"ssl": lambda: trunk(cfg.encoder.network, c, h)[1], "pixels": lambda: h * w * c}.get(
+        cfg.linear_probe.encoder, lambda: None)()          # a TorchScript encoder's width is known when it runs
+    most = min(d for d in (dim, len(ds.train_images) - 1) if d is not None)
+    if cfg.graph.whiten > most:
+        raise ConfigError(f"graph.whiten: {cfg.graph.whiten} dimensions asked for, but the features have only "
+                          f"{dim} dimensions over {len(ds.train_images)} images; choose graph.whiten <= {most} "
+                          f"(0: off)")
 
 
 def encoder_key(cfg: ExperimentConfig, ds: Dataset) -> str:
