@@ -74,13 +74,24 @@ def test_a_stage2_training_field_retrains_and_refuses_old_states():
     assert changed(cfg, new) == {"stage2", "stage2 model", "stage2 sampling", "stage2 resume"}
 
 
-def test_a_stage1_schedule_field_keeps_the_training_state():
+def test_a_stage1_schedule_field_changes_no_key():
     cfg = load_config(None)
     new = extended(cfg, "stage1", with_field(Stage1Config, "eval_every", 0, SCHEDULE), eval_every=5)
-    # the manifests notice (stage 3 trains with stage 1's settings, so it reads that section too), the resume key not
-    assert changed(cfg, new) == {"stage1", "stage3"}
+    assert changed(cfg, new) == set()               # no manifest, reset or resume key: nothing re-runs
     new = extended(cfg, "stage1", with_field(Stage1Config, "mixup", 0.0, TRAINING), mixup=0.5)
     assert changed(cfg, new) == {"stage1", "stage1 resume", "stage3"}   # stage 3 reads stage1 (its recipe)
+
+
+SCHEDULE_OVERRIDES = ["stage1.checkpoint_every=7", "stage1.log_every=3", "stage1.predict_batch_size=9",
+                      "stage2.checkpoint_every_kimg=1", "stage2.log_every_kimg=1", "encoder.checkpoint_every=3",
+                      "encoder.log_every=2"]
+
+
+@pytest.mark.parametrize("override", SCHEDULE_OVERRIDES)
+def test_schedule_fields_enter_no_key(override):
+    base = load_config(None, ["stage1.learner=label-propagation", "linear_probe.encoder=ssl"])
+    new = load_config(None, ["stage1.learner=label-propagation", "linear_probe.encoder=ssl", override])
+    assert changed(base, new) == set()
 
 
 @pytest.mark.parametrize("override", ["stage1.checkpoint_every=7", "stage1.log_every=3",

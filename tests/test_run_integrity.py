@@ -145,6 +145,14 @@ def read_only(run: Path, ctx: dict) -> None:
     ctx["monkeypatch"].setattr(tempfile, "mkstemp", mkstemp)
 
 
+def old_schema(run: Path, ctx: dict) -> None:
+    """Every manifest says an earlier run-directory schema wrote it (its hashes meant something else)."""
+    for m in run.rglob("manifest.json"):
+        man = read_json(m)
+        man["schema_version"] = 1
+        m.write_text(json.dumps(man))
+
+
 # ------------------------------------------------------------------------------------------- checks after
 def same_arrays(name: str, *keys: str) -> Callable[[Path, Path, dict], None]:
     def check(run: Path, finished: Path, ctx: dict) -> None:
@@ -184,6 +192,7 @@ class Case:
     not_done: tuple[str, ...] = ()       # stage folders that must not be marked done afterwards
     fresh: bool = False                  # an empty run directory instead of a copy of the finished run
     rebuilt: tuple[str, ...] = field(default=())   # stages allowed to be (re)marked done by the command
+    force: bool = False                  # the command gets --force
 
 
 LOCKED = r"^error: run directory .* is in use by another dualpseudo process \(PID {pid}\); wait for it"
@@ -232,7 +241,16 @@ CASES = [
     *[Case(f"read-only-finished-{cmd}", cmd, read_only, 0, expect) for cmd, expect in
       (("report", r"report\.html"), ("eval", r"\[evaluation\] \{"), ("run", r"\[stage3\] reused"))],
     Case("read-only-needs-a-write", "run", read_only, 2,
-         r"^error: cannot use .*config\.yaml.* \(Read-only file system\)", sets=("stage3.iterations=9",)),
+         r"^error: cannot use .*config\.yaml.* \(Read-only file system\)", sets=("stage3.iterations=9",),
+         force=True),
+    # a run directory of an earlier schema: one error line saying what to do, or --force redoes its stages
+    *[Case(f"old-schema-{cmd}", cmd, old_schema, 2,
+           r"^error: run directory .* was made by an earlier dualpseudo \(run-directory schema 1; this version "
+           r"writes schema 2, .*\), so its finished stages cannot be recognised; use a new --run-dir, or rerun "
+           r"`dualpseudo run CONFIG --run-dir .* --force`")
+      for cmd in ("run", "stage3", "eval")],
+    Case("old-schema-forced", "run", old_schema, 0, r"\[stage1\] running \(schema version 1 != 2\)",
+         force=True, rebuilt=STAGES, check=same_arrays("stage2/pseudo_images.npz", "images", "labels")),
 ]
 
 
@@ -247,7 +265,7 @@ def test_case(case: Case, finished, tmp_path, capsys, monkeypatch):
     try:
         case.setup(run, ctx)
         args = argv(case.command, run, cache, case.sets)
-        if case.id == "read-only-needs-a-write":
+        if case.force:
             args.append("--force")
         code = main(args)
         out, err = capsys.readouterr()
@@ -270,6 +288,21 @@ def test_case(case: Case, finished, tmp_path, capsys, monkeypatch):
     finally:
         for c in ctx["cleanup"]:
             c()
+
+
+def test_a_schedule_change_reruns_nothing(finished, tmp_path, capsys):
+    """Checkpoint and log intervals and inference batch sizes (SCHEDULE fields) enter no stage key: changed on a
+    finished run, every stage is reused and no file of a stage is written again."""
+    run = tmp_path / "run"
+    shutil.copytree(finished[0], run)
+    files = [p for s in STAGES for p in (run / s).rglob("*") if p.is_file()]
+    before = {p: p.stat().st_mtime_ns for p in files}
+    sets = ("stage1.checkpoint_every=2", "stage1.log_every=1", "stage1.predict_batch_size=7",
+            "stage2.checkpoint_every_kimg=0.032", "stage2.log_every_kimg=0.016")
+    assert main(argv("run", run, finished[1], sets) + ["--force"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"[{s}] reused" in out for s in STAGES) and "running" not in out, out
+    assert before == {p: p.stat().st_mtime_ns for p in files}
 
 
 def test_sigterm_says_interrupted(tmp_path):

@@ -27,7 +27,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2          # of run directories: what a manifest's hashes mean (a change is listed below)
+SCHEMA_CHANGES = {2: "stage hashes leave out checkpoint and log intervals and inference batch sizes"}
 MANIFEST = "manifest.json"
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -368,6 +369,18 @@ def read_manifest(stage_dir: str | Path) -> dict | None:
     except ArtifactError:
         return None
     return m if isinstance(m, dict) else None
+
+
+def manifest_schemas(root: str | Path) -> set[int]:
+    """The schema versions other than SCHEMA_VERSION of the readable manifests under `root` (a manifest without
+    an integer version is left to `stage_status`)."""
+    out = set()
+    for path in Path(root).rglob(MANIFEST) if Path(root).is_dir() else ():
+        m = read_manifest(path.parent)
+        version = m.get("schema_version") if m else None
+        if isinstance(version, int) and not isinstance(version, bool) and version != SCHEMA_VERSION:
+            out.add(version)
+    return out
 
 
 def stage_status(stage_dir: str | Path, config_hash: str, inputs: dict[str, str]) -> tuple[bool, str]:

@@ -55,10 +55,11 @@ def evaluate_run(run_root: Path, overrides: list[str]) -> int:
     from .data.datasets import load_dataset
     from .rundir import lock
     from .stages.files import PSEUDO_IMAGES, PseudoImages, step_record
-    from .stages.pipeline import ALL_STAGES, build_steps, load_run_config
+    from .stages.pipeline import ALL_STAGES, build_steps, check_schema, load_run_config
 
     run = RunDir(run_root)
     cfg = load_run_config(run)
+    check_schema(run)
     lock(run.root)
     if overrides:
         cfg = load_config(run.config, overrides)

@@ -25,7 +25,7 @@ class ConfigError(ValueError):
 # A field's role says which keys it enters (stages/declare.py derives every hash from it):
 TRAINING = "training"    # changes what a stage computes: its manifest hash, reset key and loop's resume key
 LENGTH = "length"        # how long a loop trains: manifest hash and reset key; a shorter run's state continues
-SCHEDULE = "schedule"    # when states/logs are written, inference batch sizes: manifest hash only, never a resume
+SCHEDULE = "schedule"    # when states/logs are written, inference batch sizes: no key (a change re-runs nothing)
 SAMPLING = "sampling"    # stage 2's sampler settings: manifest hash and the sampling key, not the model's keys
 
 

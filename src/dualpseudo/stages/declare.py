@@ -7,6 +7,8 @@ A stage's `reads` names the config sections (or single values) it depends on. Fr
 - its training loop's resume key, from the same sections restricted by the fields' roles (config.py: TRAINING,
   LENGTH, SCHEDULE, SAMPLING): a loop resumes a state whose TRAINING fields match, whatever its checkpoint/log
   intervals; stage 2 keeps its model while only SAMPLING fields change (`stage2_model_key`, `stage2_sampling_key`).
+SCHEDULE fields (checkpoint and log intervals, inference batch sizes) enter none of these keys (`judged`), so
+changing one re-runs nothing.
 
 Adding a config field is therefore one line in config.py: its section is read by the stages that declare it, and
 its role says which of their keys it enters. The upstream files a stage reads are its inputs (pipeline.py's
@@ -18,7 +20,7 @@ import dataclasses
 from dataclasses import dataclass, replace
 from typing import Callable
 
-from ..config import LENGTH, SAMPLING, SCHEDULE, TRAINING, ExperimentConfig, config_hash, fields_in_roles
+from ..config import LENGTH, SAMPLING, TRAINING, ExperimentConfig, config_hash, fields_in_roles
 from . import files
 from .files import ENCODER, STATE, STATS
 
@@ -32,8 +34,18 @@ class Declaration:
     resumable: tuple[str, ...] = (STATE, STATS)     # training state kept while its reset key matches
 
     def config_hash(self, cfg: ExperimentConfig, **extra) -> str:
-        """The hash of everything the stage reads (plus `extra`, e.g. a content hash it is keyed by)."""
-        return config_hash({**self.reads(cfg), **extra})
+        """The hash of everything the stage reads (plus `extra`, e.g. a content hash it is keyed by), SCHEDULE
+        fields left out."""
+        return config_hash({k: judged(v) for k, v in {**self.reads(cfg), **extra}.items()})
+
+
+KEY_ROLES = (TRAINING, LENGTH, SAMPLING)        # the roles that enter a stage's keys (not SCHEDULE)
+
+
+def judged(value):
+    """What a stage's keys see of a value it reads: a config section without its SCHEDULE fields (a dict of the
+    others), anything else as it is."""
+    return fields_in_roles(value, *KEY_ROLES) if dataclasses.is_dataclass(value) else value
 
 
 def runtime_part(cfg: ExperimentConfig) -> dict:
@@ -76,7 +88,7 @@ STAGE3 = Declaration("stage3", lambda cfg: {"stage3": replace(cfg.stage3, baseli
 EVALUATION = Declaration("evaluation", lambda cfg: {"evaluation": cfg.evaluation}, files.EVALUATION_OUTPUTS,
                          resumable=())
 
-MODEL_ROLES = (TRAINING, LENGTH, SCHEDULE)     # what the diffusion model's files depend on (not SAMPLING)
+MODEL_ROLES = (TRAINING, LENGTH)     # what the diffusion model's files depend on (not SAMPLING nor SCHEDULE)
 
 
 def stage2_model_key(cfg: ExperimentConfig) -> dict:
@@ -85,7 +97,7 @@ def stage2_model_key(cfg: ExperimentConfig) -> dict:
     parts = _stage2_reads(cfg)
     s2 = parts.pop("stage2")
     return {"stage2_train": config_hash(fields_in_roles(s2, *MODEL_ROLES)),
-            **{k: config_hash(v) if dataclasses.is_dataclass(v) else v for k, v in parts.items()}}
+            **{k: config_hash(judged(v)) if dataclasses.is_dataclass(v) else v for k, v in parts.items()}}
 
 
 def stage2_sampling_key(cfg: ExperimentConfig, model_key: dict) -> dict:

@@ -25,8 +25,8 @@ import numpy as np
 import yaml
 
 from .. import __version__, distributed, runtime
-from ..artifacts import (ArtifactError, array_hash, file_hash, reset_if_stale, stage_status, write_json,
-                         write_manifest, write_text)
+from ..artifacts import (SCHEMA_CHANGES, SCHEMA_VERSION, ArtifactError, array_hash, file_hash, manifest_schemas,
+                         reset_if_stale, stage_status, write_json, write_manifest, write_text)
 from ..config import ConfigError, ExperimentConfig, from_dict, load_config, to_dict, to_yaml
 from ..data.datasets import Dataset, DataError, DataMissingError, load_dataset
 from ..data.splits import labeled_split, read_indices
@@ -81,6 +81,22 @@ def check_run_dir(cfg: ExperimentConfig, run: RunDir, force: bool) -> None:
         shown = ", ".join(changed[:6]) + (" ..." if len(changed) > 6 else "")
         raise RunDirError(f"run directory {run.root} was made by a different config (changed: {shown}); "
                           f"use a new --run-dir, or --force to re-run the stages these keys affect")
+
+
+def check_schema(run: RunDir, force: bool = False) -> None:
+    """Refuse a run directory whose manifests another run-directory schema wrote (their hashes mean something
+    else, so finished stages cannot be recognised) unless `force`, which re-runs its stages."""
+    other = manifest_schemas(run.root)
+    if not other or force:
+        return
+    version = max(other)
+    why = (f"a newer dualpseudo (run-directory schema {version}; this version reads {SCHEMA_VERSION})"
+           if version > SCHEMA_VERSION else
+           f"an earlier dualpseudo (run-directory schema {version}; this version writes schema {SCHEMA_VERSION}, "
+           f"whose {SCHEMA_CHANGES.get(SCHEMA_VERSION, 'hashes differ')})")
+    raise RunDirError(f"run directory {run.root} was made by {why}, so its finished stages cannot be recognised; "
+                      f"use a new --run-dir, or rerun `dualpseudo run CONFIG --run-dir {run.root} --force` to redo "
+                      f"its stages there")
 
 
 def _damaged_config(run: RunDir, what: str) -> RunDirError:
@@ -338,6 +354,7 @@ def main(config_path: str, overrides: list[str], run_root: Path, stages: tuple[s
     cfg = load_config(config_path, overrides)
     run = RunDir(run_root)
     check_run_dir(cfg, run, force)
+    check_schema(run, force)
     if dry_run:
         return _dry_run(cfg, run, stages)
     runtime.resolve_device(cfg.runtime.device)          # an absent device fails here, before the data is read
