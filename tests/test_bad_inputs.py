@@ -212,7 +212,7 @@ def test_named_torchscript_file_is_hashed_by_content(tmp_path):
     """Replacing the TorchScript encoder in place changes the inputs of the stages that read it."""
     import torch
 
-    from dualpseudo.stages.checks import named_file_inputs
+    from dualpseudo.stages.declare import named_file_inputs
 
     class Flat(torch.nn.Module):
         def forward(self, x):

@@ -15,8 +15,8 @@ from dualpseudo.classify.train import _resume_key as stage1_resume_key
 from dualpseudo.config import (LENGTH, SAMPLING, SCHEDULE, TRAINING, ExperimentConfig, Stage1Config, Stage2Config,
                                added_later, load_config, role_of, setting)
 from dualpseudo.diffuse.train import _training_hash
-from dualpseudo.stages.declare import (ENCODER_DECL, EVALUATION, STAGE1, STAGE2, STAGE3, stage2_model_key,
-                                       stage2_sampling_key)
+from dualpseudo.stages.declare import (ENCODER_DECL, EVALUATION, STAGE1, STAGE2, STAGE3, STAGE3_BASELINE, Upstream,
+                                       stage2_model_key, stage2_sampling_key)
 
 DECLS = (ENCODER_DECL, STAGE1, STAGE2, STAGE3, EVALUATION)
 
@@ -131,3 +131,29 @@ def test_a_setting_keeps_its_default():
     assert Stage2Config().steps == 20 and Stage1Config().log_every == 50
     assert dataclasses.fields(Stage2Config)[0].metadata.get("role", TRAINING) == TRAINING
     assert setting(3, SAMPLING).metadata["role"] == SAMPLING
+
+
+def test_each_stage_declares_its_inputs(tmp_path):
+    """What a stage reads besides the config: upstream files by content ("missing" until written), the dataset."""
+    from dualpseudo.artifacts import file_hash
+
+    up = Upstream(dataset="fp", labels_known=True, split="idx", encoder=tmp_path / "encoder.safetensors",
+                  stage1=tmp_path / "stage1", labels=tmp_path / "labels", stage2=tmp_path / "stage2",
+                  stage3=tmp_path / "stage3")
+    cfg = load_config(None)
+    assert STAGE1.input_hashes(cfg, up) == {"dataset": "fp"}
+    assert STAGE2.input_hashes(cfg, up) == {"pseudo_labels": "missing"}
+    assert STAGE3.input_hashes(cfg, up) == {"pseudo_images": "missing", "split": "missing"}
+    assert STAGE3_BASELINE.input_hashes(cfg, up) == {"split": "missing", "stage1_labels": "missing"}
+    assert EVALUATION.input_hashes(cfg, up) == {"pseudo_images": "missing"}
+    assert EVALUATION.input_hashes(cfg, dataclasses.replace(up, labels_known=False)) == {
+        "pseudo_images": "missing", "stage3": "missing"}           # a pool is judged by stage 3's classifier
+    (tmp_path / "labels").mkdir()
+    (tmp_path / "labels" / "pseudo_labels.npz").write_bytes(b"labels")
+    assert STAGE2.input_hashes(cfg, up) == {"pseudo_labels": file_hash(tmp_path / "labels" / "pseudo_labels.npz")}
+    assert STAGE2.input_hashes(load_config(None, ["stage2.label_source=true"]), up) == {"dataset": "fp"}
+    graph = load_config(None, ["stage1.learner=label-propagation", "linear_probe.encoder=ssl"])
+    assert STAGE1.input_hashes(graph, up) == {"dataset": "fp", "encoder": "missing"}
+    assert STAGE1.input_hashes(load_config(None, ["data.labeled_indices=x.json"]), up) == {
+        "dataset": "fp", "labeled_indices": "idx"}
+    assert ENCODER_DECL.input_hashes(graph, up) == {"dataset": "fp"}

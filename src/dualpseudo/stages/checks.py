@@ -12,8 +12,7 @@ what to do.
 names): `--dry-run` lists each with where it goes instead of stopping at the first; a real run stops with an
 `error:` line.
 
-`named_file_inputs(cfg, step)` gives the content hashes of those files for a step's manifest inputs, so
-replacing a file in place re-runs the stages that read it (the config holds only its path).
+(The content hashes of those files, a step's manifest inputs, are declare.py's `named_file_inputs`.)
 """
 from __future__ import annotations
 
@@ -22,11 +21,10 @@ import zipfile
 from pathlib import Path
 from typing import Callable
 
-from ..artifacts import file_hash
 from ..config import ConfigError, ExperimentConfig
 from ..data.datasets import Dataset
 from ..runtime import resolve_device
-from .encoder import FEATURE_LEARNERS
+from .declare import FEATURE_LEARNERS
 
 NETWORK_LEARNERS = ("fixmatch", "freematch", "supervised")   # the stage-1 learners that train stage1.network
 
@@ -120,7 +118,7 @@ def _sd_geometry(folder: str | None) -> tuple[int, int] | None:
 
 def _named_files(cfg: ExperimentConfig, stages: tuple[str, ...]) -> list[tuple[str, str | None, str]]:
     """(config key, path, kind) of every file a step of `stages` will read; path None: the packaged default."""
-    from .encoder import FEATURE_LEARNERS
+    from .declare import FEATURE_LEARNERS
 
     order = ("stage1", "stage2", "stage3", "evaluation")
     last = max(order.index(s) for s in stages)
@@ -164,44 +162,6 @@ def _check_torchscript(key: str, path: Path) -> None:
     if not ok:
         raise ConfigError(f"{key}: {path} is not a TorchScript file (torch.jit.save writes a zip archive with the "
                           f"module's code); export the network again")
-
-
-# ---------------------------------------------------------------------------------------------- content hashes
-_HASHES: dict[tuple, str] = {}
-
-
-def content_hash(path: Path) -> str:
-    """`file_hash` of a file, remembered for its (path, size, modification time) within this process."""
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _HASHES:
-        _HASHES[key] = file_hash(path)
-    return _HASHES[key]
-
-
-def named_file_inputs(cfg: ExperimentConfig, step: str) -> dict[str, str]:
-    """Content hashes of the files named by the config that `step` ("stage1", "stage2", "stage3",
-    "evaluation") reads, for its manifest inputs; {} when it reads none (so other runs keep their hashes)."""
-    from .encoder import FEATURE_LEARNERS
-
-    out: dict[str, str] = {}
-    lp = cfg.linear_probe
-    probe_used = {"stage1": cfg.stage1.learner in FEATURE_LEARNERS,
-                  "stage3": cfg.stage3.mode in FEATURE_LEARNERS or cfg.stage3.filter == "agree"
-                  or cfg.stage1.learner in FEATURE_LEARNERS and cfg.stage3.mode == "ssl"}.get(step, False)
-    if probe_used and lp.encoder in ("torchscript", "inception") and lp.encoder_path:
-        out["encoder_file"] = _hash_if_file(Path(lp.encoder_path).expanduser())
-    if step == "stage2" and cfg.latent.autoencoder == "sd" and cfg.latent.autoencoder_path:
-        from ..diffuse.latent import SD_FILES
-        root = Path(cfg.latent.autoencoder_path).expanduser()
-        out["autoencoder"] = ",".join(_hash_if_file(root / f) for f in SD_FILES)
-    if step == "evaluation" and cfg.evaluation.fid and cfg.evaluation.inception_path:
-        out["inception"] = _hash_if_file(Path(cfg.evaluation.inception_path).expanduser())
-    return out
-
-
-def _hash_if_file(path: Path) -> str:
-    return content_hash(path) if path.is_file() else "missing"
 
 
 # ---------------------------------------------------------------------------------------------- what is missing

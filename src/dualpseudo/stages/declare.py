@@ -11,25 +11,47 @@ SCHEDULE fields (checkpoint and log intervals, inference batch sizes) enter none
 changing one re-runs nothing.
 
 Adding a config field is therefore one line in config.py: its section is read by the stages that declare it, and
-its role says which of their keys it enters. The upstream files a stage reads are its inputs (pipeline.py's
-steps hash them by content); the files it writes are `writes`.
+its role says which of their keys it enters.
+
+A stage's `inputs` names what else it reads, hashed by content into its manifest: the upstream files of the run
+directory (where they are for a given step and round: `Upstream`, which the pipeline fills), the dataset's
+fingerprint, and the files the config names by path (`named_file_inputs`), so replacing one in place re-runs the
+stages that read it. The files it writes are `writes`.
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Callable
 
+from ..artifacts import file_hash
 from ..config import LENGTH, SAMPLING, TRAINING, ExperimentConfig, config_hash, fields_in_roles
 from . import files
-from .files import ENCODER, STATE, STATS
+from .files import CLASSIFIER, ENCODER, PSEUDO_IMAGES, PSEUDO_LABELS, SPLIT, STATE, STATS
+
+FEATURE_LEARNERS = ("linear-probe", "label-propagation")
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """What one step's inputs are hashed from: the dataset and where its upstream files are (for its round)."""
+    dataset: str                 # the dataset's fingerprint
+    labels_known: bool           # every training image has its true class (False: a pool of unlabeled images)
+    split: str                   # content hash of the labeled indices
+    encoder: Path                # the run's self-supervised encoder file (read when `needs_encoder`)
+    stage1: Path                 # stage 1's folder
+    labels: Path                 # the pseudo-labels' folder stage 2 trains on (stage 1, or round r-1's stage 3)
+    stage2: Path                 # this round's stage-2 folder
+    stage3: Path                 # this round's stage-3 folder
 
 
 @dataclass(frozen=True)
 class Declaration:
-    """One stage: the config it reads and the files of its folder it writes."""
+    """One stage: the config it reads, the inputs it reads, and the files of its folder it writes."""
     name: str
     reads: Callable[[ExperimentConfig], dict]      # {name: config section or value} -> its config hash
+    inputs: Callable[[ExperimentConfig, Upstream], dict[str, Path | str]]  # a Path is hashed by content
     writes: tuple[str, ...]                         # hashed into its manifest
     resumable: tuple[str, ...] = (STATE, STATS)     # training state kept while its reset key matches
 
@@ -37,6 +59,11 @@ class Declaration:
         """The hash of everything the stage reads (plus `extra`, e.g. a content hash it is keyed by), SCHEDULE
         fields left out."""
         return config_hash({k: judged(v) for k, v in {**self.reads(cfg), **extra}.items()})
+
+    def input_hashes(self, cfg: ExperimentConfig, up: Upstream) -> dict[str, str]:
+        """{input: content hash} of what the stage reads besides the config ("missing" for an absent file; valid
+        once the upstream steps are done)."""
+        return {k: hash_or_missing(v) if isinstance(v, Path) else v for k, v in self.inputs(cfg, up).items()}
 
 
 KEY_ROLES = (TRAINING, LENGTH, SAMPLING)        # the roles that enter a stage's keys (not SCHEDULE)
@@ -46,6 +73,13 @@ def judged(value):
     """What a stage's keys see of a value it reads: a config section without its SCHEDULE fields (a dict of the
     others), anything else as it is."""
     return fields_in_roles(value, *KEY_ROLES) if dataclasses.is_dataclass(value) else value
+
+
+def needs_encoder(cfg: ExperimentConfig) -> bool:
+    """True when a stage's learner reads features of the run's self-supervised encoder."""
+    uses_features = (cfg.stage1.learner in FEATURE_LEARNERS or cfg.stage3.mode in FEATURE_LEARNERS
+                     or cfg.stage3.filter == "agree")
+    return (uses_features and cfg.linear_probe.encoder == "ssl") or cfg.stage1.init == "encoder"
 
 
 def runtime_part(cfg: ExperimentConfig) -> dict:
@@ -74,19 +108,61 @@ def _stage2_reads(cfg: ExperimentConfig) -> dict:
     return {"stage2": cfg.stage2, "hflip": cfg.data.hflip, **runtime_part(cfg), **latent}
 
 
+def baseline_config(cfg: ExperimentConfig) -> ExperimentConfig:
+    """The config of the self-training baseline step: stage 3 with K real pseudo-labeled images per class."""
+    return replace(cfg, stage3=replace(cfg.stage3, baseline=False, pseudo_source="real"))
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+def _encoder_input(cfg: ExperimentConfig, up: Upstream) -> dict:
+    return {"encoder": up.encoder} if needs_encoder(cfg) else {}
+
+
+def _stage1_inputs(cfg: ExperimentConfig, up: Upstream) -> dict:
+    # an index file enters by content: editing it in place re-runs stage 1 and what follows
+    return {"dataset": up.dataset, **_encoder_input(cfg, up),
+            **({"labeled_indices": up.split} if cfg.data.labeled_indices else {}), **named_file_inputs(cfg, "stage1")}
+
+
+def _stage2_inputs(cfg: ExperimentConfig, up: Upstream) -> dict:
+    labels = ({"pseudo_labels": up.labels / PSEUDO_LABELS} if cfg.stage2.label_source == "pseudo"
+              else {"dataset": up.dataset})
+    return {**labels, **named_file_inputs(cfg, "stage2")}
+
+
+def _stage3_inputs(cfg: ExperimentConfig, up: Upstream, generated: bool = True) -> dict:
+    """Stage 3's inputs; the baseline (`generated=False`) reads no pseudo-images."""
+    return {**({"pseudo_images": up.stage2 / PSEUDO_IMAGES} if generated else {}), "split": up.stage1 / SPLIT,
+            **_encoder_input(cfg, up),
+            **({"stage1_labels": up.stage1 / PSEUDO_LABELS} if cfg.stage3.pseudo_source == "real" else {}),
+            **named_file_inputs(cfg, "stage3")}
+
+
+def _evaluation_inputs(cfg: ExperimentConfig, up: Upstream) -> dict:
+    return {"pseudo_images": up.stage2 / PSEUDO_IMAGES, **named_file_inputs(cfg, "evaluation"),
+            # a pool is judged by stage 3's classifier (no oracle)
+            **({} if up.labels_known else {"stage3": up.stage3 / CLASSIFIER})}
+
+
+# ---------------------------------------------------------------------------------------------- the stages
 # The feature-learner settings enter a stage's hash only where they are used, so other runs keep their hashes.
 ENCODER_DECL = Declaration("encoder", lambda cfg: {"encoder": cfg.encoder, "hflip": cfg.data.hflip,
-                                                   "precision": cfg.runtime.precision}, (ENCODER,), resumable=())
+                                                   "precision": cfg.runtime.precision},
+                           lambda cfg, up: {"dataset": up.dataset}, (ENCODER,), resumable=())
 STAGE1 = Declaration("stage1", lambda cfg: {"data": cfg.data, "stage1": cfg.stage1, **runtime_part(cfg),
-                                            **feature_sections(cfg, cfg.stage1.learner)}, files.STAGE1_OUTPUTS)
-STAGE2 = Declaration("stage2", _stage2_reads, files.STAGE2_OUTPUTS, resumable=())   # (its own keys, below)
+                                            **feature_sections(cfg, cfg.stage1.learner)},
+                     _stage1_inputs, files.STAGE1_OUTPUTS)
+STAGE2 = Declaration("stage2", _stage2_reads, _stage2_inputs, files.STAGE2_OUTPUTS, resumable=())  # (own keys)
 # `stage3.baseline` says which steps exist, not how one runs: a baseline step reads its config with
 # pseudo_source=real, the same stage3 settings otherwise.
 STAGE3 = Declaration("stage3", lambda cfg: {"stage3": replace(cfg.stage3, baseline=False), "stage1": cfg.stage1,
                                             "hflip": cfg.data.hflip, **runtime_part(cfg),
-                                            **stage3_feature_sections(cfg)}, files.STAGE3_OUTPUTS)
-EVALUATION = Declaration("evaluation", lambda cfg: {"evaluation": cfg.evaluation}, files.EVALUATION_OUTPUTS,
-                         resumable=())
+                                            **stage3_feature_sections(cfg)}, _stage3_inputs, files.STAGE3_OUTPUTS)
+STAGE3_BASELINE = Declaration("stage3-baseline", lambda cfg: STAGE3.reads(baseline_config(cfg)),
+                              lambda cfg, up: _stage3_inputs(baseline_config(cfg), up, generated=False),
+                              files.STAGE3_OUTPUTS)
+EVALUATION = Declaration("evaluation", lambda cfg: {"evaluation": cfg.evaluation}, _evaluation_inputs,
+                         files.EVALUATION_OUTPUTS, resumable=())
 
 MODEL_ROLES = (TRAINING, LENGTH)     # what the diffusion model's files depend on (not SAMPLING nor SCHEDULE)
 
@@ -103,3 +179,40 @@ def stage2_model_key(cfg: ExperimentConfig) -> dict:
 def stage2_sampling_key(cfg: ExperimentConfig, model_key: dict) -> dict:
     """The key of the generated chunks: the model's key and stage 2's SAMPLING fields."""
     return {"model": model_key, **fields_in_roles(cfg.stage2, SAMPLING)}
+
+
+# ---------------------------------------------------------------------------------------------- named files
+_HASHES: dict[tuple, str] = {}
+
+
+def content_hash(path: Path) -> str:
+    """`file_hash` of a file, remembered for its (path, size, modification time) within this process."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _HASHES:
+        _HASHES[key] = file_hash(path)
+    return _HASHES[key]
+
+
+def hash_or_missing(path: Path) -> str:
+    """A file's `content_hash`, or "missing"."""
+    return content_hash(path) if path.is_file() else "missing"
+
+
+def named_file_inputs(cfg: ExperimentConfig, step: str) -> dict[str, str]:
+    """Content hashes of the files named by the config that `step` ("stage1", "stage2", "stage3",
+    "evaluation") reads, for its manifest inputs; {} when it reads none (so other runs keep their hashes)."""
+    out: dict[str, str] = {}
+    lp = cfg.linear_probe
+    probe_used = {"stage1": cfg.stage1.learner in FEATURE_LEARNERS,
+                  "stage3": cfg.stage3.mode in FEATURE_LEARNERS or cfg.stage3.filter == "agree"
+                  or cfg.stage1.learner in FEATURE_LEARNERS and cfg.stage3.mode == "ssl"}.get(step, False)
+    if probe_used and lp.encoder in ("torchscript", "inception") and lp.encoder_path:
+        out["encoder_file"] = hash_or_missing(Path(lp.encoder_path).expanduser())
+    if step == "stage2" and cfg.latent.autoencoder == "sd" and cfg.latent.autoencoder_path:
+        from ..diffuse.latent import SD_FILES
+        root = Path(cfg.latent.autoencoder_path).expanduser()
+        out["autoencoder"] = ",".join(hash_or_missing(root / f) for f in SD_FILES)
+    if step == "evaluation" and cfg.evaluation.fid and cfg.evaluation.inception_path:
+        out["inception"] = hash_or_missing(Path(cfg.evaluation.inception_path).expanduser())
+    return out

@@ -17,18 +17,8 @@ from ..classify.contrastive import save_encoder, train_encoder, trunk
 from ..config import ConfigError, ExperimentConfig
 from ..data.datasets import Dataset
 from ..distributed import World
-from .declare import ENCODER_DECL
+from .declare import ENCODER_DECL, needs_encoder
 from .files import ENCODER, STATS
-
-FEATURE_LEARNERS = ("linear-probe", "label-propagation")
-
-
-def needs_encoder(cfg: ExperimentConfig) -> bool:
-    """True when a stage's learner reads features of the run's self-supervised encoder."""
-    uses_features = (cfg.stage1.learner in FEATURE_LEARNERS or cfg.stage3.mode in FEATURE_LEARNERS
-                     or cfg.stage3.filter == "agree")
-    return (uses_features and cfg.linear_probe.encoder == "ssl") or cfg.stage1.init == "encoder"
-
 
 def check_feature_settings(cfg: ExperimentConfig, ds: Dataset) -> None:
     """Fail before any training when the encoder or the graph cannot work on this dataset (ConfigError)."""

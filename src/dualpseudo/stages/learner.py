@@ -30,7 +30,7 @@ from ..config import ExperimentConfig
 from ..distributed import World
 from ..guards import check_outputs
 from ..data.datasets import Dataset
-from .encoder import FEATURE_LEARNERS
+from .declare import FEATURE_LEARNERS
 from .files import CLASSIFIER, FEATURES, STATE, PseudoLabels
 from ..evaluate.classification import confusion_matrix, per_class_accuracy, pseudo_label_report, top1
 

@@ -25,7 +25,7 @@ import numpy as np
 import yaml
 
 from .. import __version__, distributed, runtime
-from ..artifacts import (SCHEMA_CHANGES, SCHEMA_VERSION, ArtifactError, array_hash, file_hash, manifest_schemas,
+from ..artifacts import (SCHEMA_CHANGES, SCHEMA_VERSION, ArtifactError, array_hash, manifest_schemas,
                          reset_if_stale, stage_status, write_json, write_manifest, write_text)
 from ..config import ConfigError, ExperimentConfig, from_dict, load_config, to_dict, to_yaml
 from ..data.datasets import Dataset, DataError, DataMissingError, load_dataset
@@ -34,10 +34,11 @@ from ..distributed import LOCAL, World
 from ..rundir import RunDir, RunDirError
 from ..rundir import lock as lock_run_dir
 from . import files
-from .checks import check_run, named_file_inputs
-from .declare import ENCODER_DECL, EVALUATION, STAGE1, STAGE2, STAGE3, Declaration, feature_sections
-from .encoder import check_feature_settings, encoder_key, ensure_encoder, needs_encoder
-from .files import CLASSIFIER, ENCODER, FEATURES, STATE, STATS, Metrics, PseudoImages, PseudoLabels, Split
+from .checks import check_run
+from .declare import (ENCODER_DECL, EVALUATION, STAGE1, STAGE2, STAGE3, STAGE3_BASELINE, Declaration, Upstream,
+                      baseline_config, feature_sections, needs_encoder)
+from .encoder import check_feature_settings, encoder_key, ensure_encoder
+from .files import ENCODER, FEATURES, STATE, STATS, Metrics
 
 ALL_STAGES = ("stage1", "stage2", "stage3", "evaluation")  # (+ "encoder" before stage 1 when a learner needs it)
 
@@ -54,10 +55,12 @@ class Step:
     resumable: tuple[str, ...] = (STATE, STATS)  # training state, dropped when hashes change
 
     @classmethod
-    def declared(cls, decl: Declaration, cfg: ExperimentConfig, name: str, dir: Path,
-                 inputs: Callable[[], dict[str, str]], run: Callable[[], dict]) -> "Step":
-        """The step of `decl` for `cfg` (the config it reads, the files it writes)."""
-        return cls(name, dir, decl.config_hash(cfg), inputs, decl.writes, run, decl.resumable)
+    def declared(cls, decl: Declaration, cfg: ExperimentConfig, name: str, dir: Path, up: Upstream,
+                 run: Callable[[], dict]) -> "Step":
+        """The step of `decl` for `cfg`: the config and inputs it reads (upstream files where `up` says), the files
+        it writes."""
+        return cls(name, dir, decl.config_hash(cfg), lambda: decl.input_hashes(cfg, up), decl.writes, run,
+                   decl.resumable)
 
 
 # ---------------------------------------------------------------------------------------------- run directory
@@ -186,15 +189,24 @@ class _Plan:
     world: World
     idx: np.ndarray                  # the labeled split
     source: str                      # how it was chosen (split.json's `source`)
-    encoder_file: Path | None        # the run's self-supervised encoder, when a learner reads its features
 
-    def encoder_input(self) -> dict:
-        return {"encoder": _hash_or_missing(self.encoder_file)} if self.encoder_file else {}
+    @property
+    def encoder_file(self) -> Path | None:
+        """The run's self-supervised encoder, when a learner reads its features."""
+        return self.run.encoder / ENCODER if needs_encoder(self.cfg) else None
 
     @property
     def stage1_features(self) -> Path | None:
         """Stage 1's cache of the real images' features, shared with stage 3 (feature learners only)."""
         return self.run.stage1 / FEATURES if feature_sections(self.cfg, self.cfg.stage1.learner) else None
+
+    def upstream(self, r: int = 1) -> Upstream:
+        """Where round `r`'s steps find their upstream files (stage 2 trains on the newest classifier's labels)."""
+        run = self.run
+        return Upstream(dataset=self.ds.fingerprint, labels_known=self.ds.train_labels_known,
+                        split=array_hash(self.idx), encoder=run.encoder / ENCODER, stage1=run.stage1,
+                        labels=run.stage1 if r == 1 else run.stage("stage3", r - 1),
+                        stage2=run.stage("stage2", r), stage3=run.stage("stage3", r))
 
 
 def build_steps(cfg: ExperimentConfig, run: RunDir, ds: Dataset, stages: tuple[str, ...], device,
@@ -214,12 +226,12 @@ def build_steps(cfg: ExperimentConfig, run: RunDir, ds: Dataset, stages: tuple[s
     check_feature_settings(cfg, ds)
     check_run(cfg, ds, stages)                            # networks, image geometry, files the config names
     idx, source = labeled_indices(cfg, ds)
-    p = _Plan(cfg, run, ds, device, world, idx, source, run.encoder / ENCODER if needs_encoder(cfg) else None)
+    p = _Plan(cfg, run, ds, device, world, idx, source)
     steps = ([_encoder_step(p)] if p.encoder_file else []) + [_stage1_step(p)]
     if last < 1:
         return steps
     for r in range(1, rounds + 1):
-        steps.append(_stage2_step(p, r, run.stage1 if r == 1 else run.stage("stage3", r - 1)))
+        steps.append(_stage2_step(p, r))
         if last >= 2 and not unconditional:
             steps.append(_stage3_step(p, r))
             if cfg.stage3.baseline and cfg.stage3.pseudo_source == "generated":
@@ -230,104 +242,72 @@ def build_steps(cfg: ExperimentConfig, run: RunDir, ds: Dataset, stages: tuple[s
 
 
 def _encoder_step(p: _Plan) -> Step:
-    """The self-supervised encoder, shared across runs (stages/encoder.py)."""
+    """The self-supervised encoder, shared across runs (stages/encoder.py): keyed by the dataset too."""
     d = p.run.encoder
-    return Step("encoder", d, encoder_key(p.cfg, p.ds), lambda: {"dataset": p.ds.fingerprint}, ENCODER_DECL.writes,
-                lambda: ensure_encoder(p.cfg, p.ds, d, p.device, world=p.world), ENCODER_DECL.resumable)
+    step = Step.declared(ENCODER_DECL, p.cfg, "encoder", d, p.upstream(),
+                         lambda: ensure_encoder(p.cfg, p.ds, d, p.device, world=p.world))
+    return replace(step, config_hash=encoder_key(p.cfg, p.ds))       # its shared cache key
 
 
 def _stage1_step(p: _Plan) -> Step:
     from .pseudo_labels import run_stage1
 
-    cfg, ds, s1 = p.cfg, p.ds, p.run.stage1
-    # an index file enters stage 1's inputs by content: editing it in place re-runs stage 1 and what follows
-    index_input = {"labeled_indices": array_hash(p.idx)} if cfg.data.labeled_indices else {}
-
     def run() -> dict:
-        return Metrics(run_stage1(cfg, ds, p.idx, p.source, s1, p.device, world=p.world,
+        return Metrics(run_stage1(p.cfg, p.ds, p.idx, p.source, p.run.stage1, p.device, world=p.world,
                                   encoder_file=p.encoder_file)).classifier_summary()
 
-    return Step.declared(STAGE1, cfg, "stage1", s1, lambda: {"dataset": ds.fingerprint, **p.encoder_input(),
-                                                             **index_input, **named_file_inputs(cfg, "stage1")}, run)
+    return Step.declared(STAGE1, p.cfg, "stage1", p.run.stage1, p.upstream(), run)
 
 
-def _stage2_step(p: _Plan, r: int, labels_dir: Path) -> Step:
-    """Round `r`'s diffusion model, trained on the pseudo-labels in `labels_dir` (the newest classifier's)."""
+def _stage2_step(p: _Plan, r: int) -> Step:
+    """Round `r`'s diffusion model, trained on the newest classifier's pseudo-labels."""
     from .pseudo_images import run_stage2
 
-    cfg, ds, d2 = p.cfg, p.ds, p.run.stage("stage2", r)
-    pseudo = cfg.stage2.label_source == "pseudo"
-
-    def inputs() -> dict:
-        if not pseudo:
-            return {"dataset": ds.fingerprint, **named_file_inputs(cfg, "stage2")}
-        return {"pseudo_labels": _hash_or_missing(PseudoLabels.path(labels_dir)), **named_file_inputs(cfg, "stage2")}
-
-    return Step.declared(STAGE2, cfg, f"{_tag(r)}stage2", d2, inputs,
-                         lambda: run_stage2(cfg, ds, labels_dir if pseudo else None, d2, p.device, world=p.world))
+    cfg, up = p.cfg, p.upstream(r)
+    labels_dir = up.labels if cfg.stage2.label_source == "pseudo" else None
+    return Step.declared(STAGE2, cfg, f"{_tag(r)}stage2", up.stage2, up,
+                         lambda: run_stage2(cfg, p.ds, labels_dir, up.stage2, p.device, world=p.world))
 
 
 def _stage3_step(p: _Plan, r: int) -> Step:
     """Round `r`'s retraining on real data plus that round's pseudo-images."""
-    cfg, s1, d2 = p.cfg, p.run.stage1, p.run.stage("stage2", r)
-    return _retrain_step(p, f"{_tag(r)}stage3", p.run.stage("stage3", r), cfg, d2,
-                         lambda: {"pseudo_images": _hash_or_missing(PseudoImages.path(d2)),
-                                  "split": _hash_or_missing(Split.path(s1)), **p.encoder_input(),
-                                  **_real_pseudo_input(cfg, s1), **named_file_inputs(cfg, "stage3")})
+    return _retrain_step(p, STAGE3, p.cfg, f"{_tag(r)}stage3", p.run.stage("stage3", r), r)
 
 
 def _baseline_step(p: _Plan, r: int) -> Step:
     """Stage 3 again with K real pseudo-labeled images per class instead of generated ones (self-training)."""
-    cfg, s1 = p.cfg, p.run.stage1
-    real = replace(cfg, stage3=replace(cfg.stage3, baseline=False, pseudo_source="real"))
-    return _retrain_step(p, f"{_tag(r)}stage3-baseline", p.run.stage("stage3_baseline", r), real,
-                         p.run.stage("stage2", r),
-                         lambda: {"split": _hash_or_missing(Split.path(s1)), **p.encoder_input(),
-                                  **_real_pseudo_input(real, s1), **named_file_inputs(cfg, "stage3")})
+    return _retrain_step(p, STAGE3_BASELINE, baseline_config(p.cfg), f"{_tag(r)}stage3-baseline",
+                         p.run.stage("stage3_baseline", r), r)
 
 
-def _retrain_step(p: _Plan, name: str, out: Path, run_cfg: ExperimentConfig, d2: Path,
-                  inputs: Callable[[], dict]) -> Step:
-    """A stage-3 step writing `out` with the config `run_cfg` (what it reads: declare.STAGE3)."""
+def _retrain_step(p: _Plan, decl: Declaration, run_cfg: ExperimentConfig, name: str, out: Path, r: int) -> Step:
+    """A stage-3 step of round `r` writing `out`, run with the config `run_cfg`."""
+    up = p.upstream(r)
+
     def run() -> dict:
         from .retrain import run_stage3
-        return Metrics(run_stage3(run_cfg, p.ds, p.idx, d2, out, p.device, _stage1_top1(p.run.stage1),
+        return Metrics(run_stage3(run_cfg, p.ds, p.idx, up.stage2, out, p.device, _stage1_top1(p.run.stage1),
                                   world=p.world, feature_cache=p.stage1_features, encoder_file=p.encoder_file,
                                   stage1=p.run.stage1)).classifier_summary()
 
-    return Step.declared(STAGE3, run_cfg, name, out, inputs, run)
+    return Step.declared(decl, p.cfg, name, out, up, run)
 
 
 def _evaluation_step(p: _Plan, r: int) -> Step:
     """Round `r`'s evaluation of the pseudo-images (rank 0 alone)."""
-    cfg, ds = p.cfg, p.ds
-    d2, d3, de = p.run.stage("stage2", r), p.run.stage("stage3", r), p.run.stage("evaluation", r)
+    up, de = p.upstream(r), p.run.stage("evaluation", r)
 
     def run() -> dict:
         from .evaluation import run_evaluation
         if not p.world.is_main:                         # evaluation runs on rank 0 alone
             return {}
-        return Metrics(run_evaluation(cfg, ds, d2, de, p.device)).evaluation_summary()
+        return Metrics(run_evaluation(p.cfg, p.ds, up.stage2, de, p.device)).evaluation_summary()
 
-    def inputs() -> dict:
-        return {"pseudo_images": _hash_or_missing(PseudoImages.path(d2)), **named_file_inputs(cfg, "evaluation"),
-                # a pool is judged by stage 3's classifier (no oracle)
-                **({} if ds.train_labels_known else {"stage3": _hash_or_missing(d3 / CLASSIFIER)})}
-
-    return Step.declared(EVALUATION, cfg, f"{_tag(r)}evaluation", de, inputs, run)
+    return Step.declared(EVALUATION, p.cfg, f"{_tag(r)}evaluation", de, up, run)
 
 
 def _tag(r: int) -> str:
     return "" if r == 1 else f"round{r}/"
-
-
-def _real_pseudo_input(cfg: ExperimentConfig, stage1: Path) -> dict:
-    """Stage 3's extra input when it takes real images with stage 1's labels (`pseudo_source: real`)."""
-    return {"stage1_labels": _hash_or_missing(PseudoLabels.path(stage1))} if cfg.stage3.pseudo_source == "real" else {}
-
-
-def _hash_or_missing(path: Path) -> str:
-    return file_hash(path) if path.is_file() else "missing"
 
 
 def _stage1_top1(s1: Path) -> float | None:
