@@ -126,3 +126,14 @@ def test_unchanged_text_is_not_rewritten_and_logs_are_rebuilt(tmp_path, capsys):
     assert A.read_log(tmp_path / "stats.jsonl", 4) == ['{"step": 1}', '{"step": 3}']
     assert "dropped 2 unreadable line(s)" in capsys.readouterr().err
     assert (tmp_path / "stats.jsonl").read_text() == '{"step": 1}\n{"step": 3}\n'
+
+
+def test_load_cached_hits_only_its_key(tmp_path):
+    path = tmp_path / "cache.npz"
+    assert A.load_cached(path, "k", ("x",)) is None                          # missing
+    A.save_npz(path, x=np.arange(3), key=np.array("k"))
+    np.testing.assert_array_equal(A.load_cached(path, "k", ("x",))["x"], np.arange(3))
+    assert A.load_cached(path, "other", ("x",)) is None                      # another key
+    assert A.load_cached(path, "k", ("y",)) is None                          # lacks an array
+    path.write_bytes(b"not a zip")
+    assert A.load_cached(path, "k", ("x",)) is None                          # unreadable

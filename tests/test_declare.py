@@ -15,8 +15,8 @@ from dualpseudo.classify.train import _resume_key as stage1_resume_key
 from dualpseudo.config import (LENGTH, SAMPLING, SCHEDULE, TRAINING, ExperimentConfig, Stage1Config, Stage2Config,
                                added_later, load_config, role_of, setting)
 from dualpseudo.diffuse.train import _training_hash
-from dualpseudo.stages.declare import (ENCODER_DECL, EVALUATION, STAGE1, STAGE2, STAGE3, STAGE3_BASELINE, Upstream,
-                                       stage2_model_key, stage2_sampling_key)
+from dualpseudo.stages.declare import (ENCODER_DECL, EVALUATION, LATENTS, ORACLE, STAGE1, STAGE2, STAGE3,
+                                       STAGE3_BASELINE, Upstream, stage2_model_key, stage2_sampling_key)
 
 DECLS = (ENCODER_DECL, STAGE1, STAGE2, STAGE3, EVALUATION)
 
@@ -157,3 +157,14 @@ def test_each_stage_declares_its_inputs(tmp_path):
     assert STAGE1.input_hashes(load_config(None, ["data.labeled_indices=x.json"]), up) == {
         "dataset": "fp", "labeled_indices": "idx"}
     assert ENCODER_DECL.input_hashes(graph, up) == {"dataset": "fp"}
+
+
+def test_keyed_caches_derive_their_keys_from_declarations():
+    """The latent cache and the evaluation oracle are keyed by what they read, and the dataset."""
+    base = load_config(None)
+    for decl, same, other in ((LATENTS, "stage2.lr=0.01", "latent.width=16"),
+                              (ORACLE, "stage1.lr=0.01", "evaluation.oracle_iterations=7")):
+        key = decl.config_hash(base, dataset="fp")
+        assert decl.config_hash(load_config(None, [same]), dataset="fp") == key
+        assert decl.config_hash(load_config(None, [other]), dataset="fp") != key
+        assert decl.config_hash(base, dataset="other") != key

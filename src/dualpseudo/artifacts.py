@@ -208,6 +208,19 @@ def load_npz(path: str | Path, keys: tuple[str, ...] = ()) -> dict[str, np.ndarr
     return out
 
 
+def load_cached(path: str | Path, key: str, arrays: tuple[str, ...], key_array: str = "key"
+                ) -> dict[str, np.ndarray] | None:
+    """The arrays of a keyed cache file (an .npz holding its key as the string array `key_array`) when it is
+    readable, has `arrays` and was written under `key`; else None: a miss, to compute and overwrite."""
+    if not Path(path).is_file():
+        return None
+    try:
+        z = load_npz(path, (*arrays, key_array))
+    except ArtifactError:
+        return None
+    return z if str(z[key_array]) == key else None
+
+
 def save_torch(path: str | Path, obj: Any) -> Path:
     """Save tensors and plain Python data (dicts, lists, numbers, strings) atomically."""
     return atomic_write(path, lambda f: torch.save(obj, f))

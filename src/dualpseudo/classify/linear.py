@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..artifacts import ArtifactError, array_hash, file_hash, load_npz, load_weights, save_npz, save_weights
+from ..artifacts import ArtifactError, array_hash, file_hash, load_cached, load_weights, save_npz, save_weights
 from ..evaluate.features import as_nhwc_uint8, extract_features
 from ..runtime import autocast
 from ..training import to_unit
@@ -101,13 +101,8 @@ def build_encoder(encoder: str, encoder_path: str | None = None, precision: str 
 # ---------------------------------------------------------------------------------------------- feature cache
 def _load_shard(path: Path, key: str, rows: int) -> np.ndarray | None:
     """The shard's features when the file is readable, made by `key`, and has `rows` rows; else None."""
-    if not path.is_file():
-        return None
-    try:
-        z = load_npz(path, ("features", "key"))
-    except ArtifactError:
-        return None
-    if str(z["key"]) != key or z["features"].ndim != 2 or len(z["features"]) != rows:
+    z = load_cached(path, key, ("features",))
+    if z is None or z["features"].ndim != 2 or len(z["features"]) != rows:
         return None
     return z["features"]
 

@@ -25,8 +25,8 @@ from torch import nn
 
 from tqdm.auto import tqdm
 
-from ..artifacts import ArtifactError, load_npz, load_weights, save_npz, save_weights
-from ..config import LatentConfig, config_hash
+from ..artifacts import ArtifactError, load_cached, load_weights, save_npz, save_weights
+from ..config import LatentConfig
 from ..training import DivergenceGuard, load_training_state, save_training_state, to_float, to_uint8
 
 SD_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
@@ -242,23 +242,19 @@ def _autoencoder(cfg: LatentConfig, images_uint8: np.ndarray, out_dir: Path, key
     return ae
 
 
-def prepare_latents(cfg: LatentConfig, images_uint8: np.ndarray, out_dir: str | Path, *, data_key: str,
+def prepare_latents(cfg: LatentConfig, images_uint8: np.ndarray, out_dir: str | Path, *, key: str,
                     seed: int = 0, sigma_data: float = 0.5, batch_size: int = 256,
                     device: str | torch.device = "cpu", progress: bool = False) -> tuple[nn.Module, np.ndarray, float]:
-    """(autoencoder, latents float32 (N, h, w, c) scaled to std sigma_data, scale); cached in `out_dir`.
+    """(autoencoder, latents float32 (N, h, w, c) scaled to std sigma_data, scale); cached in `out_dir` under
+    `key` (everything they depend on: the caller's declaration of them).
 
     The in-project autoencoder's training is resumable (`autoencoder_state.pt`)."""
     out_dir, device = Path(out_dir), torch.device(device)
-    key = config_hash({"latent": cfg, "data": data_key, "seed": seed})
     ae = _autoencoder(cfg, images_uint8, out_dir, key, seed, device, progress)
     path = out_dir / LATENTS
-    if path.is_file():
-        try:
-            z = load_npz(path, ("latents", "scale", "key"))
-            if str(z["key"]) == key and len(z["latents"]) == len(images_uint8):
-                return ae, z["latents"], float(z["scale"])
-        except ArtifactError:
-            pass
+    z = load_cached(path, key, ("latents", "scale"))
+    if z is not None and len(z["latents"]) == len(images_uint8):
+        return ae, z["latents"], float(z["scale"])
     z = encode_images(ae, images_uint8, batch_size=batch_size, device=device)     # (N, c, h, w)
     scale = latent_scale(z, sigma_data)
     latents = np.ascontiguousarray((z * scale).transpose(0, 2, 3, 1)).astype(np.float32)  # (N, h, w, c)

@@ -26,7 +26,7 @@ from typing import Any, Callable
 import numpy as np
 import scipy.linalg
 
-from ..artifacts import ArtifactError, load_npz, save_npz
+from ..artifacts import load_cached, save_npz
 from ..config import config_hash
 
 
@@ -105,15 +105,12 @@ def reference_stats(cache_dir: str | Path, key: dict, compute_fn: Callable[[], n
     this with a given cache (rank 0), or all ranks after rank 0 has built it."""
     key_json = json.dumps(key, sort_keys=True, default=str)
     path = Path(cache_dir).expanduser() / f"{config_hash(key)}.npz"
-    if path.is_file():
-        try:
-            z = load_npz(path, keys=("mu", "sigma", "key_json"))
-            mu, sigma = z["mu"], z["sigma"]
-            d = mu.shape[0] if mu.ndim == 1 else -1
-            if str(z["key_json"]) == key_json and sigma.shape == (d, d) and np.isfinite(sigma).all():
-                return mu.astype(np.float64), sigma.astype(np.float64)
-        except ArtifactError:
-            pass                                                  # unreadable: rebuild below
+    z = load_cached(path, key_json, ("mu", "sigma"), key_array="key_json")
+    if z is not None:
+        mu, sigma = z["mu"], z["sigma"]
+        d = mu.shape[0] if mu.ndim == 1 else -1
+        if sigma.shape == (d, d) and np.isfinite(sigma).all():
+            return mu.astype(np.float64), sigma.astype(np.float64)
     feats = compute_fn()
     mu, sigma = feature_stats(feats)
     save_npz(path, mu=mu, sigma=sigma, key_json=np.array(key_json), num_images=np.array(len(feats)))

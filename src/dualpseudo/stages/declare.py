@@ -26,7 +26,9 @@ from pathlib import Path
 from typing import Callable
 
 from ..artifacts import file_hash
-from ..config import LENGTH, SAMPLING, TRAINING, ExperimentConfig, config_hash, fields_in_roles
+from ..config import LENGTH, SAMPLING, TRAINING, ExperimentConfig, Stage1Config, config_hash, fields_in_roles
+from ..diffuse.latent import AE_STATE, AUTOENCODER
+from ..diffuse.latent import LATENTS as LATENTS_FILE
 from . import files
 from .files import CLASSIFIER, ENCODER, PSEUDO_IMAGES, PSEUDO_LABELS, SPLIT, STATE, STATS
 
@@ -46,13 +48,17 @@ class Upstream:
     stage3: Path                 # this round's stage-3 folder
 
 
+def _no_inputs(cfg: ExperimentConfig, up: Upstream) -> dict:
+    return {}
+
+
 @dataclass(frozen=True)
 class Declaration:
-    """One stage: the config it reads, the inputs it reads, and the files of its folder it writes."""
+    """One stage (or keyed cache): the config it reads, the files it writes, and the inputs it reads."""
     name: str
     reads: Callable[[ExperimentConfig], dict]      # {name: config section or value} -> its config hash
-    inputs: Callable[[ExperimentConfig, Upstream], dict[str, Path | str]]  # a Path is hashed by content
     writes: tuple[str, ...]                         # hashed into its manifest
+    inputs: Callable[[ExperimentConfig, Upstream], dict[str, Path | str]] = _no_inputs  # a Path: by content
     resumable: tuple[str, ...] = (STATE, STATS)     # training state kept while its reset key matches
 
     def config_hash(self, cfg: ExperimentConfig, **extra) -> str:
@@ -148,21 +154,38 @@ def _evaluation_inputs(cfg: ExperimentConfig, up: Upstream) -> dict:
 # The feature-learner settings enter a stage's hash only where they are used, so other runs keep their hashes.
 ENCODER_DECL = Declaration("encoder", lambda cfg: {"encoder": cfg.encoder, "hflip": cfg.data.hflip,
                                                    "precision": cfg.runtime.precision},
-                           lambda cfg, up: {"dataset": up.dataset}, (ENCODER,), resumable=())
+                           writes=(ENCODER,), inputs=lambda cfg, up: {"dataset": up.dataset}, resumable=())
 STAGE1 = Declaration("stage1", lambda cfg: {"data": cfg.data, "stage1": cfg.stage1, **runtime_part(cfg),
                                             **feature_sections(cfg, cfg.stage1.learner)},
-                     _stage1_inputs, files.STAGE1_OUTPUTS)
-STAGE2 = Declaration("stage2", _stage2_reads, _stage2_inputs, files.STAGE2_OUTPUTS, resumable=())  # (own keys)
+                     writes=files.STAGE1_OUTPUTS, inputs=_stage1_inputs)
+STAGE2 = Declaration("stage2", _stage2_reads, writes=files.STAGE2_OUTPUTS, inputs=_stage2_inputs,
+                     resumable=())                 # (its own keys, below)
 # `stage3.baseline` says which steps exist, not how one runs: a baseline step reads its config with
 # pseudo_source=real, the same stage3 settings otherwise.
 STAGE3 = Declaration("stage3", lambda cfg: {"stage3": replace(cfg.stage3, baseline=False), "stage1": cfg.stage1,
                                             "hflip": cfg.data.hflip, **runtime_part(cfg),
-                                            **stage3_feature_sections(cfg)}, _stage3_inputs, files.STAGE3_OUTPUTS)
+                                            **stage3_feature_sections(cfg)},
+                     writes=files.STAGE3_OUTPUTS, inputs=_stage3_inputs)
 STAGE3_BASELINE = Declaration("stage3-baseline", lambda cfg: STAGE3.reads(baseline_config(cfg)),
-                              lambda cfg, up: _stage3_inputs(baseline_config(cfg), up, generated=False),
-                              files.STAGE3_OUTPUTS)
-EVALUATION = Declaration("evaluation", lambda cfg: {"evaluation": cfg.evaluation}, _evaluation_inputs,
-                         files.EVALUATION_OUTPUTS, resumable=())
+                              writes=files.STAGE3_OUTPUTS,
+                              inputs=lambda cfg, up: _stage3_inputs(baseline_config(cfg), up, generated=False))
+EVALUATION = Declaration("evaluation", lambda cfg: {"evaluation": cfg.evaluation}, writes=files.EVALUATION_OUTPUTS,
+                         inputs=_evaluation_inputs, resumable=())
+
+# Keyed caches: no manifest; their key is `config_hash(cfg, dataset=<fingerprint>)` (a new key, a new file).
+LATENTS = Declaration("latents", lambda cfg: {"latent": cfg.latent, "seed": cfg.runtime.seed},
+                      writes=(AUTOENCODER, LATENTS_FILE), resumable=(AE_STATE,))   # in stage 2's folder
+ORACLE = Declaration("oracle", lambda cfg: {"oracle": oracle_config(cfg), "hflip": cfg.data.hflip,
+                                            "precision": cfg.runtime.precision},
+                     writes=(CLASSIFIER,))                        # in evaluation.cache_dir/oracle-<key>/
+
+
+def oracle_config(cfg: ExperimentConfig) -> Stage1Config:
+    """The evaluation oracle's training: supervised, on every labeled training image."""
+    return Stage1Config(learner="supervised", network=cfg.evaluation.oracle_network,
+                        iterations=cfg.evaluation.oracle_iterations, batch_size=128, uratio=0, lr=0.03,
+                        checkpoint_every=max(1, cfg.evaluation.oracle_iterations // 4), log_every=50)
+
 
 MODEL_ROLES = (TRAINING, LENGTH)     # what the diffusion model's files depend on (not SAMPLING nor SCHEDULE)
 

@@ -17,7 +17,7 @@ import torch
 
 from ..classify.networks import NETWORKS
 from ..classify.train import load_classifier, predict, save_classifier, train_classifier
-from ..config import ConfigError, ExperimentConfig, Stage1Config, config_hash
+from ..config import ConfigError, ExperimentConfig
 from ..data.datasets import Dataset
 from ..distributed import LOCAL
 from ..evaluate.classification import class_consistency, top1
@@ -25,6 +25,7 @@ from ..evaluate.domain import domain_feature_fn
 from ..evaluate.features import extract_features
 from ..evaluate.fid import fid_report, frechet_distance, feature_stats, reference_key, reference_stats
 from ..evaluate.prdc import precision_recall
+from .declare import ORACLE, oracle_config
 from .files import CLASSIFIER, Metrics, PseudoImages
 
 
@@ -37,19 +38,11 @@ def check_oracle_network(name: str) -> None:
         raise ConfigError(f"evaluation.oracle_network: {name!r} is not one of {sorted(NETWORKS) + [NO_ORACLE]}")
 
 
-def oracle_config(cfg: ExperimentConfig) -> Stage1Config:
-    """Supervised training on every labeled training image."""
-    return Stage1Config(learner="supervised", network=cfg.evaluation.oracle_network,
-                        iterations=cfg.evaluation.oracle_iterations, batch_size=128, uratio=0, lr=0.03,
-                        checkpoint_every=max(1, cfg.evaluation.oracle_iterations // 4), log_every=50)
-
-
 def get_oracle(cfg: ExperimentConfig, ds: Dataset, cache: Path, device: torch.device,
                progress: bool = True) -> tuple[torch.nn.Module, dict]:
     """The cached oracle for this dataset and settings, trained (resumably) when missing."""
     s = oracle_config(cfg)
-    key = config_hash({"dataset": ds.fingerprint, "oracle": s, "hflip": cfg.data.hflip,
-                       "precision": cfg.runtime.precision})
+    key = ORACLE.config_hash(cfg, dataset=ds.fingerprint)
     d = cache / f"oracle-{key}"
     path = d / CLASSIFIER
     if not path.is_file():

@@ -22,7 +22,7 @@ from ..distributed import World
 from ..diffuse.generate import generate_chunks
 from ..diffuse.train import load_diffusion, save_diffusion, train_diffusion
 from ..figures import save_grid
-from .declare import stage2_model_key, stage2_sampling_key
+from .declare import LATENTS, stage2_model_key, stage2_sampling_key
 from .files import DIFFUSION, GRID, STATE, STATS, PseudoImages, PseudoLabels
 
 TRAIN_FILES = (STATE, STATS, DIFFUSION)
@@ -121,8 +121,8 @@ def _latents(cfg: ExperimentConfig, ds: Dataset, out: Path, device: torch.device
     """(scaled latents (N, h, w, c), their decoder, snapshot meta); rank 0 makes the cache, the others read it."""
     from ..diffuse.latent import AE_STATE, latent_decoder, prepare_latents
 
-    kw = dict(data_key=ds.fingerprint, seed=cfg.runtime.seed, sigma_data=cfg.stage2.sigma_data, device=device,
-              progress=progress and world.is_main)
+    kw = dict(key=LATENTS.config_hash(cfg, dataset=ds.fingerprint), seed=cfg.runtime.seed,
+              sigma_data=cfg.stage2.sigma_data, device=device, progress=progress and world.is_main)
     with concerning(out / AE_STATE):                  # the autoencoder's refused training state, if any
         if world.distributed:
             if world.is_main:
