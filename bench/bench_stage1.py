@@ -24,6 +24,7 @@ from dualpseudo.classify import augment
 from dualpseudo.classify.networks import build_network
 from dualpseudo.classify.train import train_classifier
 from dualpseudo.config import Stage1Config
+from dualpseudo.distributed import LOCAL
 from dualpseudo.runtime import autocast
 
 
@@ -64,7 +65,7 @@ def ssl_step_seconds(learner: str, network: str, precision: str, steps: int, win
                               iterations=steps, log_every=window, checkpoint_every=10**6)
     with tempfile.TemporaryDirectory() as tmp:
         train_classifier(cfg, x_lb=x[:640], y_lb=y[:640], x_ulb=x, num_classes=10, hflip=False, out_dir=tmp,
-                         device="cpu", precision=precision, seed=0, progress=False)
+                         device="cpu", precision=precision, seed=0, progress=False, world=LOCAL)
         lines = [json.loads(l) for l in (Path(tmp) / "stats.jsonl").read_text().splitlines()]
     return [1.0 / l["steps_per_s"] for l in lines[1:]]
 

@@ -36,6 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dualpseudo.classify.train import train_classifier
 from dualpseudo.config import ConfigError, load_config
+from dualpseudo.distributed import LOCAL
 from dualpseudo.diffuse.edm import EDMLoss
 from dualpseudo.diffuse.generate import generate
 from dualpseudo.diffuse.train import build_model, train_diffusion
@@ -131,7 +132,7 @@ def stage2_training(cfg, device: torch.device, steps: int, window: int, peak: fl
     out = work / f"stage2{'_compiled' if compile else ''}"
     t = time.perf_counter()
     train_diffusion(run_cfg, images=images, labels=labels, num_classes=NUM_CLASSES, out_dir=out, device=device,
-                    precision="bf16", hflip=True, progress=False, compile=compile)
+                    precision="bf16", hflip=True, progress=False, compile=compile, world=LOCAL)
     wall = time.perf_counter() - t
     windows = [line["img_per_s"] for line in _stats(out)][1:]
     img_per_s = statistics.median(windows)
@@ -166,7 +167,7 @@ def stage1_ssl(cfg, device: torch.device, steps: int, window: int, work: Path) -
     out = work / "stage1"
     t = time.perf_counter()
     train_classifier(s1, x_lb=x[:40], y_lb=y[:40], x_ulb=x, num_classes=NUM_CLASSES, hflip=True, out_dir=out,
-                     device=device, precision="bf16", seed=0, progress=False)
+                     device=device, precision="bf16", seed=0, progress=False, world=LOCAL)
     wall = time.perf_counter() - t
     windows = [line["steps_per_s"] for line in _stats(out)][1:]
     return {"learner": s1.learner, "network": s1.network, "labeled_batch": s1.batch_size,

@@ -13,6 +13,7 @@ from dualpseudo.classify.contrastive import (EncoderFeatures, nt_xent, resized_c
 from dualpseudo.classify.linear import cached_features
 from dualpseudo.config import EncoderConfig
 from dualpseudo.data.datasets import make_synthetic
+from dualpseudo.distributed import LOCAL
 
 TINY = EncoderConfig(steps=24, batch_size=32, checkpoint_every=6, log_every=6, lr=3e-3)
 
@@ -44,7 +45,8 @@ def test_views_keep_shape_and_range_and_are_seeded():
 def test_encoder_loss_falls(tmp_path):
     images = _images()
     cfg = dataclasses.replace(TINY, steps=60, log_every=10)
-    train_encoder(cfg, images, tmp_path, hflip=False, device="cpu", precision="fp32", seed=0, progress=False)
+    train_encoder(cfg, images, tmp_path, hflip=False, device="cpu", precision="fp32", seed=0, progress=False,
+                  world=LOCAL)
     losses = [json.loads(l)["loss"] for l in (tmp_path / "stats.jsonl").read_text().splitlines()]
     assert len(losses) == 6 and losses[-1] < losses[0] - 0.2, losses
 
@@ -52,11 +54,11 @@ def test_encoder_loss_falls(tmp_path):
 def test_encoder_resume_is_exact(tmp_path):
     images = _images()
     straight = train_encoder(TINY, images, tmp_path / "a", hflip=False, device="cpu", precision="fp32", seed=0,
-                             progress=False)
+                             progress=False, world=LOCAL)
     train_encoder(TINY, images, tmp_path / "b", hflip=False, device="cpu", precision="fp32", seed=0,
-                  stop_at=12, progress=False)
+                  stop_at=12, progress=False, world=LOCAL)
     resumed = train_encoder(TINY, images, tmp_path / "b", hflip=False, device="cpu", precision="fp32", seed=0,
-                            progress=False)
+                            progress=False, world=LOCAL)
     for (k, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), k
     lines = (tmp_path / "b" / "stats.jsonl").read_text().splitlines()
@@ -67,17 +69,17 @@ def test_encoder_state_from_other_settings_is_refused(tmp_path):
     from dualpseudo.artifacts import ArtifactError
     images = _images()
     train_encoder(TINY, images, tmp_path, hflip=False, device="cpu", precision="fp32", seed=0, stop_at=6,
-                  progress=False)
+                  progress=False, world=LOCAL)
     with pytest.raises(ArtifactError, match="other encoder settings"):
         train_encoder(dataclasses.replace(TINY, temperature=0.5), images, tmp_path, hflip=False, device="cpu",
-                      precision="fp32", seed=0, progress=False)
+                      precision="fp32", seed=0, progress=False, world=LOCAL)
 
 
 def test_features_round_trip_and_cache_follows_the_weights(tmp_path):
     images = _images()
     meta = {"network": "cnn_small", "in_channels": 1, "image_size": 16}
     model = train_encoder(dataclasses.replace(TINY, steps=6), images, tmp_path / "t", hflip=False, device="cpu",
-                          precision="fp32", seed=0, progress=False)
+                          precision="fp32", seed=0, progress=False, world=LOCAL)
     path = save_encoder(tmp_path / "encoder.safetensors", model, meta)
     enc = EncoderFeatures(path)
     with torch.no_grad():
@@ -88,7 +90,7 @@ def test_features_round_trip_and_cache_follows_the_weights(tmp_path):
     np.testing.assert_allclose(feats[:5], direct, rtol=1e-4, atol=1e-5)
     # another encoder in the same file: a new extractor id, so every cached shard is recomputed
     other = train_encoder(dataclasses.replace(TINY, steps=6), images, tmp_path / "u", hflip=False, device="cpu",
-                          precision="fp32", seed=1, progress=False)
+                          precision="fp32", seed=1, progress=False, world=LOCAL)
     save_encoder(path, other, meta)
     enc2 = EncoderFeatures(path)
     assert enc2.extractor_id != enc.extractor_id

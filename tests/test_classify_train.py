@@ -10,6 +10,7 @@ from dualpseudo.artifacts import load_torch, save_state
 from dualpseudo.classify import train as T
 from dualpseudo.classify.networks import NETWORKS
 from dualpseudo.config import Stage1Config
+from dualpseudo.distributed import LOCAL
 
 
 def _data(n_per_class=24, size=16, seed=0):
@@ -31,7 +32,7 @@ def _cfg(**kw):
 def _run(cfg, out_dir, precision="fp32", **kw):
     x, y = _data()
     args = dict(x_lb=x[::6], y_lb=y[::6], x_ulb=x, num_classes=2, hflip=False, out_dir=out_dir, device="cpu",
-                precision=precision, seed=1, progress=False)
+                precision=precision, seed=1, progress=False, world=LOCAL)
     return T.train_classifier(cfg, **{**args, **kw})
 
 

@@ -9,6 +9,7 @@ import torch
 from dualpseudo.artifacts import ArtifactError, load_torch, save_state
 from dualpseudo.config import Stage2Config
 from dualpseudo.diffuse.train import train_diffusion
+from dualpseudo.distributed import LOCAL
 
 
 def data(n=48, size=12, classes=3):
@@ -25,7 +26,7 @@ CFG = Stage2Config(network="unet_tiny", duration_kimg=0.128, batch_size=16, lr=2
 def run(cfg, out_dir):
     images, labels = data()
     return train_diffusion(cfg, images=images, labels=labels, num_classes=3, out_dir=out_dir, device="cpu",
-                           precision="fp32", seed=3, hflip=True, progress=False)
+                           precision="fp32", seed=3, hflip=True, progress=False, world=LOCAL)
 
 
 def test_resume_equals_straight(tmp_path):

@@ -89,14 +89,6 @@ class World:
 LOCAL = World()
 
 
-def current() -> World:
-    """The World of the initialised process group, or `LOCAL` when there is none (for an entry point that did
-    not call `init` itself; the pipeline passes the World `init` returns to every stage)."""
-    if dist.is_available() and dist.is_initialized():
-        return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
-    return LOCAL
-
-
 def init(device: torch.device) -> tuple[World, torch.device]:
     """Join the process group described by the launcher's environment; (world, this process's device).
 

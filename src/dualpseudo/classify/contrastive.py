@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from ..artifacts import ArtifactError, file_hash, load_weights, save_weights
 from ..config import TRAINING, EncoderConfig, fields_in_roles
-from ..distributed import World, current
+from ..distributed import World
 from ..runtime import autocast
 from ..training import (DivergenceGuard, EpochSampler, StatsLog, generator_states, load_training_state,
                         restore_generator, save_training_state, to_float, uint8_nchw)
@@ -114,12 +114,11 @@ def _resume_key(cfg: EncoderConfig, shape: tuple, num_images: int, seed: int) ->
 
 def train_encoder(cfg: EncoderConfig, images: np.ndarray, out_dir: str | Path, *, hflip: bool,
                   device: str | torch.device, precision: str, seed: int, stop_at: int | None = None,
-                  progress: bool = True, world: World | None = None) -> ContrastiveModel:
+                  world: World, progress: bool = True) -> ContrastiveModel:
     """Train (or resume from out_dir/state.pt) SimCLR on uint8 images (N, H, W[, C]); the model in eval mode.
 
     `stop_at` ends this call early at that step (state saved), the schedule still spanning `cfg.steps`.
     Rank 0 alone writes files."""
-    world = current() if world is None else world
     device = torch.device(device)
     out_dir = Path(out_dir)
     data = uint8_nchw(images, "encoder images", device)                          # (N, C, H, W) uint8

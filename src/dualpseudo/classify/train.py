@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from ..artifacts import load_weights, save_weights
 from ..config import TRAINING, Stage1Config, fields_in_roles
-from ..distributed import World, current
+from ..distributed import World
 from ..runtime import autocast, to_device
 from ..training import (DivergenceGuard, EpochSampler, StatsLog, ema_update, generator_states, load_training_state,
                         restore_generator, save_training_state, to_float, uint8_nchw)
@@ -179,7 +179,7 @@ def train_classifier(cfg: Stage1Config, *, x_lb: np.ndarray, y_lb: np.ndarray, x
                      precision: str, seed: int, x_pseudo: np.ndarray | None = None,
                      y_pseudo: np.ndarray | None = None, pseudo_fraction: float = 0.0,
                      iterations: int | None = None, stop_at: int | None = None,
-                     progress: bool = True, world: World | None = None, desc: str | None = None,
+                     world: World, progress: bool = True, desc: str | None = None,
                      init_weights: dict[str, torch.Tensor] | None = None) -> nn.Module:
     """Train (or resume from out_dir/state.pt) and return the EMA model in eval mode.
 
@@ -187,10 +187,9 @@ def train_classifier(cfg: Stage1Config, *, x_lb: np.ndarray, y_lb: np.ndarray, x
     encoder's, `fc` excluded) the network starts from; the final linear layer keeps its fresh initialisation.
     `stop_at` ends this call early at that step (state saved), the schedule still spanning all `iterations`
     (default cfg.iterations). `desc` labels the progress bar (default "<out_dir name> <learner>"). With several
-    processes (`world`, default: the initialised process group) each takes 1/size of every global batch, gradients
+    processes (`world`: `distributed.LOCAL` for one) each takes 1/size of every global batch, gradients
     are averaged by DDP, the SSL states follow the whole batch, and rank 0 alone writes files.
     """
-    world = current() if world is None else world
     device, out_dir = torch.device(device), Path(out_dir)
     total = int(iterations or cfg.iterations)
     end = total if stop_at is None else min(total, stop_at)

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ..artifacts import load_weights, save_weights
 from ..config import TRAINING, Stage2Config, config_hash, fields_in_roles
-from ..distributed import World, current
+from ..distributed import World
 from ..runtime import autocast, to_device
 from ..training import (DivergenceGuard, StatsLog, ema_update, generator_states, load_training_state,
                         restore_generator, save_training_state, to_float)
@@ -104,19 +104,18 @@ def _restore(path: Path, key: str, net: EDMPrecond, ema: EDMPrecond, opt: torch.
 def train_diffusion(cfg: Stage2Config, *, images: np.ndarray, labels: np.ndarray, num_classes: int,
                     out_dir: str | Path, device: torch.device | str = "cpu", precision: str = "fp32",
                     seed: int = 0, hflip: bool = False, progress: bool = True,
-                    world: World | None = None, compile: bool = False) -> EDMPrecond:
+                    world: World, compile: bool = False) -> EDMPrecond:
     """Train (or resume, or just load when finished) and return the EMA EDMPrecond in eval mode.
 
     images: uint8 (N, H, W, C), or float32 latents (N, H, W, C) already scaled for the model; labels: int64 (N,)
     in [0, num_classes], num_classes = null (unconditional).
-    With several processes (`world`, default: the initialised process group) each trains on its share of every
+    With several processes (`world`: `distributed.LOCAL` for one) each trains on its share of every
     global batch with its own noise stream, DDP averages the gradients, and rank 0 alone writes files.
     `compile`: the training forward runs through `torch.compile` (runtime.compile).
 
     On CPU the loss is checked at every step; on an accelerator, where reading a value waits for the device, the
     losses are summed on the device and checked at each log point and checkpoint.
     """
-    world = current() if world is None else world
     out_dir, device = Path(out_dir), torch.device(device)
     labels = _checked_labels(images, labels, num_classes)
     N, S, _, C = images.shape
