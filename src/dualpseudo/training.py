@@ -8,14 +8,14 @@
   loop's: a warm-up for the classifier, EDM's half-life in images for the diffusion model).
 - Non-finite guard: `DivergenceGuard` stops a training whose loss or weights turn non-finite, naming the last good
   training state kept on disk (`guards.py` holds the error type and the checks on a classifier's outputs).
-- Stats log: `StatsLog`, the JSON-lines `stats.jsonl` of a run, rewritten whole and atomically by rank 0.
-- Resumable state, one policy for every loop: `save_training_state` writes it with its key (atomically, with its
-  sha256 recorded beside it: `artifacts.save_state`); `load_training_state` resumes it only under the same key. A
-  state saved under another key (other settings or data), or one that fails its sha256 or cannot be restored, is
-  an `ArtifactError` naming the file: never resumed, never silently trained over. The pipeline reports such a file
-  of a stage's own folder, deletes it and runs the stage again; a stage whose settings changed drops its states
-  first (`artifacts.reset_if_stale`). Per-rank generator states go through `generator_states` /
-  `restore_generator`.
+- Stats log: `StatsLog`, the JSON-lines `stats.jsonl` (`STATS`) of a run, rewritten whole and atomically by
+  rank 0.
+- Resumable state (`STATE`), one policy for every loop: `save_training_state` writes it with its key (atomically, with
+  its sha256 recorded beside it: `artifacts.save_state`); `load_training_state` resumes it only under the same key. A
+  state saved under another key (other settings or data), or one that fails its sha256 or cannot be restored, is an
+  `ArtifactError` naming the file: never resumed, never silently trained over. The pipeline reports such a file of a
+  stage's own folder, deletes it and runs the stage again; a stage whose settings changed drops its states first
+  (`artifacts.reset_if_stale`). Per-rank generator states go through `generator_states` / `restore_generator`.
 """
 from __future__ import annotations
 
@@ -32,6 +32,10 @@ from .distributed import LOCAL, World
 from .guards import DivergenceError, finite, kept_state
 
 T = TypeVar("T")
+
+# The files every training loop keeps in its folder (stages/files.py names the stages' other files).
+STATE = "state.pt"           # its resumable training state (`save_training_state`)
+STATS = "stats.jsonl"        # its logged statistics, one JSON object a line (`StatsLog`)
 
 
 # ---------------------------------------------------------------------------------------------- images

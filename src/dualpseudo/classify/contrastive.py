@@ -34,15 +34,12 @@ from ..artifacts import ArtifactError, file_hash, load_weights, save_weights
 from ..config import TRAINING, EncoderConfig, fields_in_roles
 from ..distributed import World
 from ..runtime import autocast
-from ..training import (DivergenceGuard, EpochSampler, StatsLog, generator_states, load_training_state,
+from ..training import (STATE, STATS, DivergenceGuard, EpochSampler, StatsLog, generator_states, load_training_state,
                         restore_generator, save_training_state, to_float, uint8_nchw)
 from . import augment
 from .networks import build_network
 from .train import param_groups
 
-ENCODER_FILE = "encoder.safetensors"
-STATE_FILE = "state.pt"
-STATS_FILE = "stats.jsonl"
 META_KEY = "dualpseudo_encoder"
 
 
@@ -138,7 +135,7 @@ def train_encoder(cfg: EncoderConfig, images: np.ndarray, out_dir: str | Path, *
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
     gen = torch.Generator(device=device).manual_seed(seed + 31 + 1_000_003 * world.rank)
     key = _resume_key(cfg, (C, H, W), len(data), seed)
-    state_path, stats_path = out_dir / STATE_FILE, out_dir / STATS_FILE
+    state_path, stats_path = out_dir / STATE, out_dir / STATS
 
     def restore(state: dict) -> int:
         model.load_state_dict(state["model"])

@@ -26,14 +26,11 @@ from ..artifacts import load_weights, save_weights
 from ..config import TRAINING, Stage1Config, fields_in_roles
 from ..distributed import World
 from ..runtime import autocast, to_device
-from ..training import (DivergenceGuard, EpochSampler, StatsLog, ema_update, generator_states, load_training_state,
-                        restore_generator, save_training_state, to_float, uint8_nchw)
+from ..training import (STATE, STATS, DivergenceGuard, EpochSampler, StatsLog, ema_update, generator_states,
+                        load_training_state, restore_generator, save_training_state, to_float, uint8_nchw)
 from . import augment
 from .networks import build_network
 from .ssl import DistAlign, FreeMatchThreshold, ssl_step
-
-STATE_FILE = "state.pt"
-STATS_FILE = "stats.jsonl"
 
 
 def cosine_lr(lr: float, step: int, total: int) -> float:
@@ -208,11 +205,11 @@ def train_classifier(cfg: Stage1Config, *, x_lb: np.ndarray, y_lb: np.ndarray, x
     gen = torch.Generator(device=device).manual_seed(seed + 1_000_003 * world.rank)
 
     # ---- resume
-    key, state_path = _resume_key(cfg, total, num_classes, data.shape), out_dir / STATE_FILE
+    key, state_path = _resume_key(cfg, total, num_classes, data.shape), out_dir / STATE
     step = _restore(state_path, key, model, ema, opt, threshold, align, gen, world, device)
     resumed, step = step is not None, step or 0
-    stats = StatsLog.resume(out_dir / STATS_FILE, step, world=world) if resumed else \
-        StatsLog(out_dir / STATS_FILE, world=world)     # lines logged after the saved state are dropped
+    stats = StatsLog.resume(out_dir / STATS, step, world=world) if resumed else \
+        StatsLog(out_dir / STATS, world=world)     # lines logged after the saved state are dropped
     guard = DivergenceGuard(out_dir.name, "Lower stage1.lr or use runtime.precision=fp32", state_path,
                             step if resumed else None, world=world, device=device)
 

@@ -22,7 +22,7 @@ from ..artifacts import load_weights, save_weights
 from ..config import TRAINING, Stage2Config, config_hash, fields_in_roles
 from ..distributed import World
 from ..runtime import autocast, to_device
-from ..training import (DivergenceGuard, StatsLog, ema_update, generator_states, load_training_state,
+from ..training import (STATE, STATS, DivergenceGuard, StatsLog, ema_update, generator_states, load_training_state,
                         restore_generator, save_training_state, to_float)
 from .edm import EDMLoss, EDMPrecond
 from .networks import NETWORKS
@@ -137,10 +137,10 @@ def train_diffusion(cfg: Stage2Config, *, images: np.ndarray, labels: np.ndarray
                                 precision=precision, data=data_sum, labels=int(labels.sum()))
 
     # resume
-    state_path = out_dir / "state.pt"
+    state_path = out_dir / STATE
     resumed = _restore(state_path, train_hash, net, ema, opt, gen, noise_gen, world, device)
     nimg, lines = resumed or (0, [])
-    stats = StatsLog(out_dir / "stats.jsonl", lines, world=world)     # kept in the state, written at checkpoints
+    stats = StatsLog(out_dir / STATS, lines, world=world)     # kept in the state, written at checkpoints
     guard = DivergenceGuard("stage 2", "Lower stage2.lr or use runtime.precision=fp32", state_path,
                             nimg / 1000 if resumed else None, unit="kimg", world=world, device=device)
 

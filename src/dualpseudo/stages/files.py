@@ -9,6 +9,7 @@ those every earlier version wrote, so old run directories load; the fallbacks fo
     stage2/pseudo_images.npz     `PseudoImages`  uint8 images (N, H, W, C), labels, per-image seeds, sampler
     <step>/metrics.json          `Metrics`       a step's measurements, with typed accessors for their readers
     <step>/manifest.json         (artifacts.py)  plus `step_record`: the step's wall time and summary
+    <step>/state.pt, stats.jsonl (training.py)   a training loop's resumable state and logged statistics
 
 The writers (`artifacts.py`) are atomic: a reader sees the old file, the complete new one, or none.
 """
@@ -22,6 +23,7 @@ import numpy as np
 
 from ..artifacts import ArtifactError, load_npz, read_json, read_manifest, save_npz, write_json
 from ..rundir import RunDir
+from ..training import STATE, STATS  # noqa: F401  (the training loops' own files, named in training.py)
 
 # ---------------------------------------------------------------------------------------------- file names
 SPLIT = "split.json"
@@ -32,8 +34,6 @@ CLASSIFIER = "classifier.safetensors"      # stage 1 / stage 3 classifier (a net
 DIFFUSION = "diffusion.safetensors"        # stage 2's EMA diffusion model
 ENCODER = "encoder.safetensors"            # the run's self-supervised encoder, in RunDir.encoder
 GRID = "grid.png"                          # stage 2's samples, one row per class
-STATE = "state.pt"                         # a resumable training state (artifacts.save_state)
-STATS = "stats.jsonl"                      # a training loop's logged statistics, one JSON object a line
 FEATURES = "features"                      # a folder of cached encoder features (linear probe, graph)
 
 STAGE1_OUTPUTS = (SPLIT, CLASSIFIER, PSEUDO_LABELS, METRICS)
