@@ -55,7 +55,8 @@ def evaluate_run(run_root: Path, overrides: list[str]) -> int:
     from .data.datasets import load_dataset
     from .rundir import lock
     from .stages.files import PSEUDO_IMAGES, PseudoImages, step_record
-    from .stages.pipeline import ALL_STAGES, build_steps, check_schema, load_run_config
+    from .stages.pipeline import check_schema, load_run_config
+    from .stages.steps import ALL_STAGES, build_steps
 
     run = RunDir(run_root)
     cfg = load_run_config(run)
