@@ -81,7 +81,6 @@ def run_evaluation(cfg: ExperimentConfig, ds: Dataset, stage2: Path, out: Path, 
     ev = cfg.evaluation
     gen = PseudoImages.load(stage2)
     images, labels = gen.images, gen.labels
-    cache = Path(ev.cache_dir).expanduser()
     unconditional = bool(len(labels)) and bool((labels >= ds.num_classes).all())
     guidance = cfg.stage2.guidance_scale if gen.guidance_scale is None else gen.guidance_scale
     metrics: dict = {"num_samples": int(len(labels)), "sampler": cfg.stage2.sampler, "steps": cfg.stage2.steps,
@@ -96,18 +95,9 @@ def run_evaluation(cfg: ExperimentConfig, ds: Dataset, stage2: Path, out: Path, 
 
     metrics.update(oracle=None, class_consistency=None, domain_fd=None, precision_recall=None)
     if not ds.train_labels_known:             # an oracle needs every training image's true class
-        metrics["not_available"] = {k: "no oracle: the training images' true classes are unknown (data.name=pool)"
-                                    for k in ("class_consistency", "domain_fd")}
-        stage3 = out.parent / "stage3" / CLASSIFIER
-        if stage3.is_file() and not unconditional:
-            from ..api import load_classifier
-            judge = load_classifier(out.parent, stage=3, device=device)
-            metrics["judged_by_stage3"] = {
-                "judge": "stage 3's classifier, which trained on these pseudo-images (an optimistic judge, "
-                         "not an oracle)",
-                **class_consistency(judge.predict_proba, images, labels, ds.num_classes, batch_size=ev.batch_size)}
+        metrics.update(_judged_by_stage3(cfg, ds, images, labels, out, device, unconditional))
     if ev.oracle_network != NO_ORACLE and ds.train_labels_known:
-        oracle, meta = get_oracle(cfg, ds, cache, device, progress)
+        oracle, meta = get_oracle(cfg, ds, Path(ev.cache_dir).expanduser(), device, progress)
         metrics["oracle"] = {"network": meta.get("network"), "test_top1": meta.get("test_top1"),
                              "trained_on": "all training labels (evaluation only)"}
         classify = lambda x: predict(oracle, x, batch_size=ev.batch_size, device=device,  # noqa: E731
@@ -123,21 +113,46 @@ def run_evaluation(cfg: ExperimentConfig, ds: Dataset, stage2: Path, out: Path, 
         metrics["domain_fd"] = frechet_distance(*feature_stats(gen_f), *feature_stats(real_f), method=ev.fid_method)
         metrics["precision_recall"] = {**precision_recall(real_f[real_sel], gen_f[gen_sel], k=ev.pr_k),
                                        "features": "oracle penultimate layer"}
-
     if ev.fid:
-        from ..evaluate.inception import inception_feature_fn
-
-        inc = inception_feature_fn(ev.inception_path, ev.resize_mode, ev.inception_precision)
-        key = reference_key(ds.fingerprint, inc.extractor_id, ev.resize_mode, len(real_idx))
-        ref_mu, ref_sigma = reference_stats(
-            cache / "fid", key, lambda: features(inc, ds.train_images, real_idx, "Inception (reference)"))
-        gen_inc = features(inc, images, None, "Inception (generated)")
-        metrics["fid"] = fid_report(gen_inc, ref_mu, ref_sigma, num_reference=len(real_idx),
-                                    feature_extractor=inc.extractor_id, guidance_scale=guidance,
-                                    sampler=cfg.stage2.sampler, steps=cfg.stage2.steps, method=ev.fid_method)
-        if metrics["precision_recall"] is None:             # no oracle: precision/recall in Inception features
-            real_inc = features(inc, ds.train_images, np.sort(real_idx[real_sel]), "Inception (real, P/R)")
-            metrics["precision_recall"] = {**precision_recall(real_inc, gen_inc[gen_sel], k=ev.pr_k),
-                                           "features": inc.extractor_id}
+        _fid(cfg, ds, images, real_idx, real_sel, gen_sel, guidance, metrics, features)
     Metrics(metrics).save(out)
     return metrics
+
+
+def _judged_by_stage3(cfg: ExperimentConfig, ds: Dataset, images: np.ndarray, labels: np.ndarray, out: Path,
+                      device: torch.device, unconditional: bool) -> dict:
+    """A pool's metrics without an oracle: why class consistency and the domain distance are not available, and
+    how stage 3's classifier (of the step folder beside `out`) classifies the pseudo-images, when there is one."""
+    got: dict = {"not_available": {k: "no oracle: the training images' true classes are unknown (data.name=pool)"
+                                   for k in ("class_consistency", "domain_fd")}}
+    stage3 = out.parent / "stage3" / CLASSIFIER
+    if stage3.is_file() and not unconditional:
+        from ..api import load_classifier
+        judge = load_classifier(out.parent, stage=3, device=device)
+        got["judged_by_stage3"] = {
+            "judge": "stage 3's classifier, which trained on these pseudo-images (an optimistic judge, not an oracle)",
+            **class_consistency(judge.predict_proba, images, labels, ds.num_classes,
+                                batch_size=cfg.evaluation.batch_size)}
+    return got
+
+
+def _fid(cfg: ExperimentConfig, ds: Dataset, images: np.ndarray, real_idx: np.ndarray, real_sel: np.ndarray,
+         gen_sel: np.ndarray, guidance: float, metrics: dict, features) -> None:
+    """Add FID against the cached reference statistics of the real images `real_idx` to `metrics`, and
+    precision/recall in Inception features where no oracle gave them."""
+    from ..evaluate.inception import inception_feature_fn
+
+    ev = cfg.evaluation
+    inc = inception_feature_fn(ev.inception_path, ev.resize_mode, ev.inception_precision)
+    key = reference_key(ds.fingerprint, inc.extractor_id, ev.resize_mode, len(real_idx))
+    ref_mu, ref_sigma = reference_stats(
+        Path(ev.cache_dir).expanduser() / "fid", key,
+        lambda: features(inc, ds.train_images, real_idx, "Inception (reference)"))
+    gen_inc = features(inc, images, None, "Inception (generated)")
+    metrics["fid"] = fid_report(gen_inc, ref_mu, ref_sigma, num_reference=len(real_idx),
+                                feature_extractor=inc.extractor_id, guidance_scale=guidance,
+                                sampler=cfg.stage2.sampler, steps=cfg.stage2.steps, method=ev.fid_method)
+    if metrics["precision_recall"] is None:             # no oracle: precision/recall in Inception features
+        real_inc = features(inc, ds.train_images, np.sort(real_idx[real_sel]), "Inception (real, P/R)")
+        metrics["precision_recall"] = {**precision_recall(real_inc, gen_inc[gen_sel], k=ev.pr_k),
+                                       "features": inc.extractor_id}

@@ -63,6 +63,32 @@ def run_stage2(cfg: ExperimentConfig, ds: Dataset, labels_dir: Path | None, out:
     pseudo = PseudoLabels.load(labels_dir) if labels_dir else None
     labels = conditioning_labels(cfg, ds, pseudo)
     train_key = {**stage2_model_key(cfg), "labels": array_hash(labels), "dataset": ds.fingerprint}
+    ema, decode, image_shape = _model(cfg, ds, labels, train_key, out, device, world, progress)
+    unconditional = s2.label_source == "none"
+    guidance = 0.0 if unconditional else s2.guidance_scale
+    gen_labels, seeds = sample_seeds(cfg, ds.num_classes)
+    if unconditional:       # the null class for every image, no guidance: the class embeddings were never trained
+        gen_labels = np.full_like(gen_labels, ds.num_classes)
+    images = _sample(cfg, ema, gen_labels, seeds, guidance, stage2_sampling_key(cfg, train_key), out, device, world,
+                     progress, decode=decode, image_shape=image_shape)
+    if images is None:                                  # (a rank other than 0 of a launch)
+        return {}
+    PseudoImages(images, gen_labels, seeds, s2.sampler, s2.steps, guidance).save(out)
+    K = s2.images_per_class
+    cols = min(K, 10)
+    grid_idx = (np.arange(ds.num_classes)[:, None] * K + np.arange(cols)[None]).reshape(-1)
+    save_grid(out / GRID, images[grid_idx], rows=ds.num_classes,
+              row_names=None if unconditional else list(ds.class_names))
+    return {"num_images": int(len(images)), "images_per_class": K, "sampler": s2.sampler, "steps": s2.steps,
+            "guidance_scale": guidance, "unconditional": unconditional,
+            "conditional_fraction": float((labels < ds.num_classes).mean())}
+
+
+def _model(cfg: ExperimentConfig, ds: Dataset, labels: np.ndarray, train_key: dict, out: Path,
+           device: torch.device, world: World, progress: bool) -> tuple[torch.nn.Module, object, tuple | None]:
+    """(EMA model, latent decoder or None, image shape (H, W, C) for latents or None): the model in `out` when it
+    was trained under `train_key`, else trained (or resumed) there on `labels`."""
+    s2 = cfg.stage2
     data, decode, image_shape, latent_meta = ds.train_images, None, None, {}
     if cfg.latent.autoencoder != "none":                # latent diffusion: train/load the autoencoder, cache latents
         data, decode, latent_meta = _latents(cfg, ds, out, device, world, progress)
@@ -73,47 +99,38 @@ def run_stage2(cfg: ExperimentConfig, ds: Dataset, labels_dir: Path | None, out:
             "num_classes": ds.num_classes, "sigma_data": s2.sigma_data, "class_names": list(ds.class_names),
             **latent_meta}
     if (out / DIFFUSION).is_file() and not retrained:
-        ema = load_diffusion(out / DIFFUSION)[0].to(device)
-    else:
-        with concerning(out / STATE):                  # the loop names its refused state only in the message
-            ema = train_diffusion(s2, images=data, labels=labels, num_classes=ds.num_classes, out_dir=out,
-                                  device=device, precision=cfg.runtime.precision, seed=cfg.runtime.seed,
-                                  hflip=cfg.data.hflip, progress=progress, world=world, compile=cfg.runtime.compile)
-        if world.is_main:
-            save_diffusion(out / DIFFUSION, ema, meta)
+        return load_diffusion(out / DIFFUSION)[0].to(device), decode, image_shape
+    with concerning(out / STATE):                      # the loop names its refused state only in the message
+        ema = train_diffusion(s2, images=data, labels=labels, num_classes=ds.num_classes, out_dir=out,
+                              device=device, precision=cfg.runtime.precision, seed=cfg.runtime.seed,
+                              hflip=cfg.data.hflip, progress=progress, world=world, compile=cfg.runtime.compile)
+    if world.is_main:
+        save_diffusion(out / DIFFUSION, ema, meta)
+    return ema, decode, image_shape
 
-    # Sampling: its own key (the SAMPLING fields), so new sampler settings regenerate without retraining.
-    sample_key = stage2_sampling_key(cfg, train_key)
+
+def _sample(cfg: ExperimentConfig, ema: torch.nn.Module, labels: np.ndarray, seeds: np.ndarray, guidance: float,
+            sample_key: dict, out: Path, device: torch.device, world: World, progress: bool,
+            **decoding) -> np.ndarray | None:
+    """The pseudo-images uint8 (N, H, W, C) of `labels` and per-image `seeds`, generated in resumable chunks in
+    `out/chunks` (kept while `sample_key`, the SAMPLING fields' key, matches, so new sampler settings regenerate
+    without retraining). Under a launch each rank generates its share of the chunks and rank 0 assembles them;
+    the other ranks get None."""
+    s2 = cfg.stage2
     if world.is_main:
         reset_if_stale(out, sample_key, ("chunks",), key_file="sample_key.json")
     world.barrier()
-    gen_labels, seeds = sample_seeds(cfg, ds.num_classes)
-    unconditional = s2.label_source == "none"
-    if unconditional:       # the null class for every image, no guidance: the class embeddings were never trained
-        gen_labels = np.full_like(gen_labels, ds.num_classes)
-    guidance = 0.0 if unconditional else s2.guidance_scale
-    sampling = dict(sampler=s2.sampler, steps=s2.steps, guidance_scale=guidance,
-                    batch_size=s2.sample_batch_size, device=device, precision=cfg.runtime.precision,
-                    decode=decode, image_shape=image_shape)
+    sampling = dict(sampler=s2.sampler, steps=s2.steps, guidance_scale=guidance, batch_size=s2.sample_batch_size,
+                    device=device, precision=cfg.runtime.precision, **decoding)
     if world.distributed:
         n_chunks = -(-len(seeds) // s2.sample_chunk)
-        generate_chunks(ema, gen_labels, seeds, out / "chunks", s2.sample_chunk,
+        generate_chunks(ema, labels, seeds, out / "chunks", s2.sample_chunk,
                         chunk_indices=list(range(world.rank, n_chunks, world.size)),
                         progress=progress and world.is_main, **sampling)
         world.barrier()
         if not world.is_main:
-            return {}
-    images = generate_chunks(ema, gen_labels, seeds, out / "chunks", s2.sample_chunk, progress=progress,
-                             **sampling)
-    PseudoImages(images, gen_labels, seeds, s2.sampler, s2.steps, guidance).save(out)
-    K = s2.images_per_class
-    cols = min(K, 10)
-    grid_idx = (np.arange(ds.num_classes)[:, None] * K + np.arange(cols)[None]).reshape(-1)
-    save_grid(out / GRID, images[grid_idx], rows=ds.num_classes,
-              row_names=None if unconditional else list(ds.class_names))
-    return {"num_images": int(len(images)), "images_per_class": K, "sampler": s2.sampler, "steps": s2.steps,
-            "guidance_scale": guidance, "unconditional": unconditional,
-            "conditional_fraction": float((labels < ds.num_classes).mean())}
+            return None
+    return generate_chunks(ema, labels, seeds, out / "chunks", s2.sample_chunk, progress=progress, **sampling)
 
 
 def _latents(cfg: ExperimentConfig, ds: Dataset, out: Path, device: torch.device, world: World,
