@@ -214,3 +214,23 @@ def test_freematch_smoke_run_is_unchanged(smoke_one_thread):
 
 def test_label_propagation_smoke_run_is_unchanged(graph_run):
     _assert_same(fingerprint(graph_run[0]), EXPECTED_GRAPH)
+
+
+# The step config hashes run-directory schema 1 wrote for the two smoke runs (before SCHEDULE fields left them).
+SCHEMA_1 = {"smoke": {"stage1": "e46535e5a1e5161c", "stage2": "9b28ee96b31e7975", "stage3": "aae7e2b69c914f5f"},
+            "graph": {"encoder": "7cad9fd83fb4106f", "stage1": "12b754e6ddd33db3", "stage2": "9b28ee96b31e7975",
+                      "stage3": "a7f3cebd839493f7"}}
+
+
+def test_schema_1_hashes_are_reproduced_so_old_run_directories_carry_over():
+    from dualpseudo.config import load_config
+    from dualpseudo.data.datasets import load_dataset
+    from dualpseudo.stages.declare import STAGE1, STAGE2, STAGE3
+    from dualpseudo.stages.encoder import encoder_key
+    from conftest import SMOKE_GRAPH
+    for name, cfg in (("smoke", load_config(SMOKE, ["runtime.threads=1"])), ("graph", load_config(SMOKE_GRAPH))):
+        got = {"stage1": STAGE1.legacy_hash(cfg), "stage2": STAGE2.legacy_hash(cfg), "stage3": STAGE3.legacy_hash(cfg)}
+        if name == "graph":
+            got["encoder"] = encoder_key(cfg, load_dataset(cfg.data), legacy=True)
+            assert got["encoder"] != encoder_key(cfg, load_dataset(cfg.data))
+        assert got == SCHEMA_1[name]

@@ -201,3 +201,20 @@ def test_whitened_graph_labels_through_stage1_and_the_api(graph_run):
     ds = make_synthetic(4, 48, 16, size=16, seed=0)
     top1 = float((dualpseudo.load_classifier(other, stage=1).predict(ds.test_images) == ds.test_labels).mean())
     assert top1 == pytest.approx(m["test"]["top1"], abs=1.01 / 64)    # new images go through the same whitening
+
+
+def test_an_encoder_cached_under_its_schema_1_key_is_reused(graph_run, tmp_path, capsys):
+    import shutil
+    from dualpseudo.config import load_config
+    from dualpseudo.data.datasets import load_dataset
+    from dualpseudo.stages.encoder import encoder_key
+    run, base = graph_run
+    cfg = load_config(SMOKE_GRAPH)
+    ds = load_dataset(cfg.data)
+    key, legacy = encoder_key(cfg, ds), encoder_key(cfg, ds, legacy=True)
+    cache = tmp_path / "cache"
+    shutil.copytree(base / "cache" / "encoders" / key, cache / "encoders" / legacy)   # as the previous version left it
+    assert main(["stage1", SMOKE_GRAPH, "--run-dir", str(tmp_path / "r"), "--set", f"evaluation.cache_dir={cache}"]) == 0
+    assert '"reused_shared": true' in capsys.readouterr().out
+    assert (cache / "encoders" / key / "encoder.safetensors").read_bytes() == \
+        (run / "encoder" / "encoder.safetensors").read_bytes()

@@ -145,12 +145,34 @@ def read_only(run: Path, ctx: dict) -> None:
     ctx["monkeypatch"].setattr(tempfile, "mkstemp", mkstemp)
 
 
-def old_schema(run: Path, ctx: dict) -> None:
-    """Every manifest says an earlier run-directory schema wrote it (its hashes meant something else)."""
+def old_schema(run: Path, ctx: dict, version: int = 1) -> None:
+    """Every manifest says another run-directory schema wrote it, keeping hashes that schema never gave."""
     for m in run.rglob("manifest.json"):
         man = read_json(m)
-        man["schema_version"] = 1
+        man["schema_version"] = version
         m.write_text(json.dumps(man))
+
+
+def schema_1(run: Path, ctx: dict) -> None:
+    """The run directory as the previous version left it: schema 1, each stage under the hash schema 1 gave it
+    (SCHEDULE fields included); the stage files' times are kept to show that none is written again."""
+    from dualpseudo.config import load_config
+    from dualpseudo.stages.declare import EVALUATION, STAGE1, STAGE2, STAGE3
+    cfg = load_config(SMOKE, TINY + [f"evaluation.cache_dir={ctx['cache']}"])
+    for name, decl in zip(STAGES, (STAGE1, STAGE2, STAGE3, EVALUATION)):
+        man = read_json(run / name / "manifest.json")
+        man.update(schema_version=1, config_hash=decl.legacy_hash(cfg))
+        (run / name / "manifest.json").write_text(json.dumps(man))
+    ctx["times"] = {p: p.stat().st_mtime_ns for s in STAGES for p in (run / s).rglob("*")
+                    if p.is_file() and p.name != "manifest.json"}
+
+
+def nothing_rewritten(run: Path, finished: Path, ctx: dict) -> None:
+    assert ctx["times"] == {p: p.stat().st_mtime_ns for p in ctx["times"]}
+
+
+def manifests_converted(run: Path, finished: Path, ctx: dict) -> None:
+    assert {read_json(m)["schema_version"] for m in run.rglob("manifest.json")} == {2}
 
 
 # ------------------------------------------------------------------------------------------- checks after
@@ -243,10 +265,19 @@ CASES = [
     Case("read-only-needs-a-write", "run", read_only, 2,
          r"^error: cannot use .*config\.yaml.* \(Read-only file system\)", sets=("stage3.iterations=9",),
          force=True),
-    # a run directory of an earlier schema: one error line saying what to do, or --force redoes its stages
-    *[Case(f"old-schema-{cmd}", cmd, old_schema, 2,
-           r"^error: run directory .* was made by an earlier dualpseudo \(run-directory schema 1; this version "
-           r"writes schema 2, .*\), so its finished stages cannot be recognised; use a new --run-dir, or rerun "
+    # a run directory of schema 1 is converted: the stages it finished are recognised, none re-runs
+    *[Case(f"schema-1-{cmd}", cmd, schema_1, 0,
+           rf"^run directory converted from run-directory schema 1 to 2 \(.*\); finished stages recognised: {got}$",
+           check=nothing_rewritten)
+      for cmd, got in (("run", "stage1, stage2, stage3, evaluation"), ("stage3", "(.*, )?stage3"),
+                       ("eval", "(.*, )?evaluation"))],
+    # ... a schema-1 stage under a hash schema 1 did not give this config re-runs, saying why
+    Case("schema-1-unrecognised", "run", old_schema, 0, r"\[stage1\] running \(its config changed\)",
+         rebuilt=STAGES, check=manifests_converted),
+    # a run directory of a newer schema: one error line saying what to do
+    *[Case(f"newer-schema-{cmd}", cmd, lambda run, ctx: old_schema(run, ctx, 3), 2,
+           r"^error: run directory .* was made by a newer dualpseudo \(run-directory schema 3; this version reads "
+           r"2\), so its finished stages cannot be recognised; use a new --run-dir, or rerun "
            r"`dualpseudo run CONFIG --run-dir .* --force`")
       for cmd in ("run", "stage3", "eval")],
     Case("old-schema-forced", "run", old_schema, 0, r"\[stage1\] running \(schema version 1 != 2\)",

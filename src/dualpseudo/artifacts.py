@@ -30,6 +30,7 @@ import torch
 SCHEMA_VERSION = 2          # of run directories: what a manifest's hashes mean (a change is listed below)
 SCHEMA_CHANGES = {2: "stage hashes leave out checkpoint and log intervals and inference batch sizes"}
 MANIFEST = "manifest.json"
+STATE_KEY = "state_key.json"          # the key a stage's resumable training state was made under
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -429,7 +430,7 @@ def invalidate(stage_dir: str | Path) -> None:
     (Path(stage_dir) / MANIFEST).unlink(missing_ok=True)
 
 
-def reset_if_stale(stage_dir: str | Path, key: dict, files: tuple[str, ...], key_file: str = "state_key.json") -> bool:
+def reset_if_stale(stage_dir: str | Path, key: dict, files: tuple[str, ...], key_file: str = STATE_KEY) -> bool:
     """Delete the resumable `files` of `stage_dir` when they were made under another `key`; True if deleted.
 
     `key` is every setting and input hash that the files depend on; it is kept in `key_file`.

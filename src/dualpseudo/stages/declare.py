@@ -66,6 +66,11 @@ class Declaration:
         fields left out."""
         return config_hash({k: judged(v) for k, v in {**self.reads(cfg), **extra}.items()})
 
+    def legacy_hash(self, cfg: ExperimentConfig, **extra) -> str:
+        """The hash run-directory schema 1 gave the same reads (SCHEDULE fields included), by which
+        `pipeline.carry_over` recognises a stage an earlier version finished."""
+        return config_hash({**self.reads(cfg), **extra})
+
     def input_hashes(self, cfg: ExperimentConfig, up: Upstream) -> dict[str, str]:
         """{input: content hash} of what the stage reads besides the config ("missing" for an absent file; valid
         once the upstream steps are done)."""

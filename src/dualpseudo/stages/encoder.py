@@ -58,9 +58,10 @@ def _check_whiten(cfg: ExperimentConfig, ds: Dataset) -> None:
                           f"(0: off)")
 
 
-def encoder_key(cfg: ExperimentConfig, ds: Dataset) -> str:
-    """The encoder's cache key: what it reads (declare.ENCODER_DECL) and the dataset it trains on."""
-    return ENCODER_DECL.config_hash(cfg, dataset=ds.fingerprint)
+def encoder_key(cfg: ExperimentConfig, ds: Dataset, legacy: bool = False) -> str:
+    """The encoder's cache key: what it reads (declare.ENCODER_DECL) and the dataset it trains on (`legacy`: the
+    key run-directory schema 1 gave it, whose cached encoder is reused)."""
+    return (ENCODER_DECL.legacy_hash if legacy else ENCODER_DECL.config_hash)(cfg, dataset=ds.fingerprint)
 
 
 def ensure_encoder(cfg: ExperimentConfig, ds: Dataset, out: Path, device: torch.device, *, world: World,
@@ -72,6 +73,9 @@ def ensure_encoder(cfg: ExperimentConfig, ds: Dataset, out: Path, device: torch.
     shared = Path(cfg.evaluation.cache_dir).expanduser() / "encoders" / key
     if world.is_main:
         shared.mkdir(parents=True, exist_ok=True)
+        legacy = shared.parent / encoder_key(cfg, ds, legacy=True)
+        if not (shared / ENCODER).is_file() and (legacy / ENCODER).is_file():
+            _copy_files(legacy, shared)                # trained under run-directory schema 1's key: the same
     world.barrier()
     trained = shared / ENCODER
     reused = trained.is_file()
@@ -85,9 +89,14 @@ def ensure_encoder(cfg: ExperimentConfig, ds: Dataset, out: Path, device: torch.
                                           "steps": cfg.encoder.steps, "dataset": ds.fingerprint})
         world.barrier()
     if world.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        for name in (ENCODER, STATS):
-            if (shared / name).is_file():
-                data = (shared / name).read_bytes()
-                atomic_write(out / name, lambda f, data=data: f.write(data))
+        _copy_files(shared, out)
     return {"key": key, "shared_dir": str(shared), "reused_shared": reused}
+
+
+def _copy_files(src: Path, dst: Path) -> None:
+    """Copy the encoder's weights and stats log from `src` into `dst` (atomically, each)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in (ENCODER, STATS):
+        if (src / name).is_file():
+            data = (src / name).read_bytes()
+            atomic_write(dst / name, lambda f, data=data: f.write(data))

@@ -24,8 +24,9 @@ import numpy as np
 import yaml
 
 from .. import __version__, distributed, runtime
-from ..artifacts import (SCHEMA_CHANGES, SCHEMA_VERSION, ArtifactError, manifest_schemas, reset_if_stale,
-                         stage_status, write_json, write_manifest, write_text)
+from ..artifacts import (MANIFEST, SCHEMA_CHANGES, SCHEMA_VERSION, STATE_KEY, ArtifactError, manifest_schemas,
+                         read_json, read_manifest, reset_if_stale, stage_status, write_json, write_manifest,
+                         write_text)
 from ..config import ConfigError, ExperimentConfig, from_dict, load_config, to_dict, to_yaml
 from ..data.datasets import DataError, DataMissingError, load_dataset
 from ..distributed import World
@@ -59,12 +60,14 @@ def check_run_dir(cfg: ExperimentConfig, run: RunDir, force: bool) -> None:
                           f"use a new --run-dir, or --force to re-run the stages these keys affect")
 
 
-def check_schema(run: RunDir, force: bool = False) -> None:
+def check_schema(run: RunDir, force: bool = False) -> bool:
     """Refuse a run directory whose manifests another run-directory schema wrote (their hashes mean something
-    else, so finished stages cannot be recognised) unless `force`, which re-runs its stages."""
+    else) unless `force`, which re-runs its stages; True when they are schema 1's, which `carry_over` converts."""
     other = manifest_schemas(run.root)
     if not other or force:
-        return
+        return False
+    if other == {1}:
+        return True
     version = max(other)
     why = (f"a newer dualpseudo (run-directory schema {version}; this version reads {SCHEMA_VERSION})"
            if version > SCHEMA_VERSION else
@@ -73,6 +76,28 @@ def check_schema(run: RunDir, force: bool = False) -> None:
     raise RunDirError(f"run directory {run.root} was made by {why}, so its finished stages cannot be recognised; "
                       f"use a new --run-dir, or rerun `dualpseudo run CONFIG --run-dir {run.root} --force` to redo "
                       f"its stages there")
+
+
+def carry_over(steps: list[Step], say: Callable[[str], None]) -> None:
+    """Convert a schema-1 run directory to this schema without re-running anything: a schema-1 manifest whose
+    config hash is the one schema 1 gives this config (`Step.legacy_hash`) takes this schema's hash, and so does
+    a resumable training state's key. Any other schema-1 manifest is not recognised: its stage re-runs, saying
+    why (as schema 1 would have re-run it: its config changed)."""
+    kept = []
+    for s in steps:
+        m = read_manifest(s.dir)
+        if not m or m.get("schema_version") != 1:
+            continue
+        recognised = m.get("config_hash") == s.legacy_hash
+        write_json(s.dir / MANIFEST, {**m, "schema_version": SCHEMA_VERSION,
+                                      "config_hash": s.config_hash if recognised else m.get("config_hash")})
+        key_path = s.dir / STATE_KEY
+        key = read_json(key_path) if key_path.is_file() else None
+        if isinstance(key, dict) and key.get("config") == s.legacy_hash:
+            write_json(key_path, {**key, "config": s.config_hash})
+        kept += [s.name] if recognised else []
+    say(f"run directory converted from run-directory schema 1 to {SCHEMA_VERSION} "
+        f"({SCHEMA_CHANGES[SCHEMA_VERSION]}); finished stages recognised: {', '.join(kept) or 'none'}")
 
 
 def _damaged_config(run: RunDir, what: str) -> RunDirError:
@@ -130,9 +155,9 @@ def main(config_path: str, overrides: list[str], run_root: Path, stages: tuple[s
     cfg = load_config(config_path, overrides)
     run = RunDir(run_root)
     check_run_dir(cfg, run, force)
-    check_schema(run, force)
+    old_schema = check_schema(run, force)
     if dry_run:
-        return _dry_run(cfg, run, stages)
+        return _dry_run(cfg, run, stages, old_schema)
     runtime.resolve_device(cfg.runtime.device)          # an absent device fails here, before the data is read
     from .checks import missing_files
     lacking = missing_files(cfg, stages)                # a file read only after hours of training fails now
@@ -146,6 +171,8 @@ def main(config_path: str, overrides: list[str], run_root: Path, stages: tuple[s
     say = (lambda msg: print(msg, flush=True)) if world.is_main else (lambda msg: None)
     if world.is_main:
         _prepare(run, cfg, locked)
+        if old_schema:
+            carry_over(steps, say)
     world.barrier()
     for s in steps:
         _execute(s, run, world, device, say)
@@ -190,7 +217,7 @@ def _execute(s: Step, run: RunDir, world: World, device, say: Callable[[str], No
     say(f"[{s.name}] done in {time.time() - t0:.0f}s: {json.dumps(summary, default=str)}")
 
 
-def _dry_run(cfg: ExperimentConfig, run: RunDir, stages: tuple[str, ...]) -> int:
+def _dry_run(cfg: ExperimentConfig, run: RunDir, stages: tuple[str, ...], old_schema: bool = False) -> int:
     """Print the resolved config and the plan; what this machine still lacks (device, dataset, files the config
     names) is listed in the plan with where it goes, not raised. Prints on rank 0 of a launch only."""
     import os
@@ -218,6 +245,9 @@ def _dry_run(cfg: ExperimentConfig, run: RunDir, stages: tuple[str, ...]) -> int
         return 0
     print(to_yaml(cfg))
     print(f"plan for {run.root}:")
+    if old_schema:
+        print(f"  (run-directory schema 1: converted to {SCHEMA_VERSION} when it runs; the stages schema 1 finished "
+              f"under this config are kept then)")
     if steps is not None:
         for name, what in plan(steps):
             print(f"  {name:<22} {what}")

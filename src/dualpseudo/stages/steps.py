@@ -39,6 +39,7 @@ class Step:
     outputs: tuple[str, ...]               # the files of `dir` it writes, hashed into its manifest
     run: Callable[[], dict]                # runs it -> the summary for its manifest
     resumable: tuple[str, ...] = (STATE, STATS)  # training state, dropped when hashes change
+    legacy_hash: str = ""                  # the hash run-directory schema 1 gave it (pipeline.carry_over)
 
     @classmethod
     def declared(cls, decl: Declaration, cfg: ExperimentConfig, name: str, dir: Path, up: Upstream,
@@ -46,7 +47,7 @@ class Step:
         """The step of `decl` for `cfg`: the config and inputs it reads (upstream files where `up` says), the files
         it writes."""
         return cls(name, dir, decl.config_hash(cfg), lambda: decl.input_hashes(cfg, up), decl.writes, run,
-                   decl.resumable)
+                   decl.resumable, decl.legacy_hash(cfg))
 
 
 # ---------------------------------------------------------------------------------------------- the steps
@@ -145,7 +146,8 @@ def _encoder_step(p: _Plan) -> Step:
     d = p.run.encoder
     step = Step.declared(ENCODER_DECL, p.cfg, "encoder", d, p.upstream(),
                          lambda: ensure_encoder(p.cfg, p.ds, d, p.device, world=p.world))
-    return replace(step, config_hash=encoder_key(p.cfg, p.ds))       # its shared cache key
+    return replace(step, config_hash=encoder_key(p.cfg, p.ds),       # its shared cache key
+                   legacy_hash=encoder_key(p.cfg, p.ds, legacy=True))
 
 
 def _stage1_step(p: _Plan) -> Step:
