@@ -167,6 +167,13 @@ def schema_1(run: Path, ctx: dict) -> None:
                     if p.is_file() and p.name != "manifest.json"}
 
 
+def stage1_hash_unknown(run: Path, ctx: dict) -> None:
+    """Stage 1's manifest holds a hash that neither schema gives this config (it was made with another one)."""
+    man = read_json(run / "stage1" / "manifest.json")
+    man["config_hash"] = "0123456789abcdef"
+    (run / "stage1" / "manifest.json").write_text(json.dumps(man))
+
+
 def nothing_rewritten(run: Path, finished: Path, ctx: dict) -> None:
     assert ctx["times"] == {p: p.stat().st_mtime_ns for p in ctx["times"]}
 
@@ -272,8 +279,8 @@ CASES = [
       for cmd, got in (("run", "stage1, stage2, stage3, evaluation"), ("stage3", "(.*, )?stage3"),
                        ("eval", "(.*, )?evaluation"))],
     # ... a schema-1 stage under a hash schema 1 did not give this config re-runs, saying why
-    Case("schema-1-unrecognised", "run", old_schema, 0, r"\[stage1\] running \(its config changed\)",
-         rebuilt=STAGES, check=manifests_converted),
+    Case("schema-1-unrecognised", "run", both(old_schema, stage1_hash_unknown), 0,
+         r"recognised: none$\n\[stage1\] running \(its config changed\)", rebuilt=STAGES, check=manifests_converted),
     # a run directory of a newer schema: one error line saying what to do
     *[Case(f"newer-schema-{cmd}", cmd, lambda run, ctx: old_schema(run, ctx, 3), 2,
            r"^error: run directory .* was made by a newer dualpseudo \(run-directory schema 3; this version reads "

@@ -55,18 +55,21 @@ def evaluate_run(run_root: Path, overrides: list[str]) -> int:
     from .data.datasets import load_dataset
     from .rundir import lock
     from .stages.files import PSEUDO_IMAGES, PseudoImages, step_record
-    from .stages.pipeline import check_schema, load_run_config
+    from .stages.pipeline import carry_over, check_schema, load_run_config
     from .stages.steps import ALL_STAGES, build_steps
 
     run = RunDir(run_root)
     cfg = load_run_config(run)
-    check_schema(run)
+    old_schema = check_schema(run)
     lock(run.root)
     if overrides:
         cfg = load_config(run.config, overrides)
     ds = load_dataset(cfg.data, cfg.evaluation.cache_dir)
     device = runtime.setup(cfg.runtime)
-    steps = [s for s in build_steps(cfg, run, ds, ALL_STAGES, device) if s.name.endswith("evaluation")]
+    steps = build_steps(cfg, run, ds, ALL_STAGES, device)
+    if old_schema:
+        carry_over(steps, print)
+    steps = [s for s in steps if s.name.endswith("evaluation")]
     for s in steps:
         stage2 = s.dir.parent / "stage2"
         if not PseudoImages.path(stage2).is_file():
