@@ -49,9 +49,10 @@ def check_feature_settings(cfg: ExperimentConfig, ds: Dataset) -> None:
 def _check_whiten(cfg: ExperimentConfig, ds: Dataset) -> None:
     """graph.whiten can keep at most as many dimensions as the features have (and the images can span)."""
     h, w, c = ds.image_shape
-    dim = {"ssl": lambda: trunk(cfg.encoder.network, c, h)[1], "pixels": lambda: h * w * c}.get(
-        cfg.linear_probe.encoder, lambda: None)()          # a TorchScript encoder's width is known when it runs
-    most = min(d for d in (dim, len(ds.train_images) - 1) if d is not None)
+    encoder, most = cfg.linear_probe.encoder, len(ds.train_images) - 1
+    # a TorchScript encoder's width is known only when it runs (graph.whitening checks it then)
+    dim = trunk(cfg.encoder.network, c, h)[1] if encoder == "ssl" else h * w * c if encoder == "pixels" else None
+    most = most if dim is None else min(dim, most)
     if cfg.graph.whiten > most:
         raise ConfigError(f"graph.whiten: {cfg.graph.whiten} dimensions asked for, but the features have only "
                           f"{dim} dimensions over {len(ds.train_images)} images; choose graph.whiten <= {most} "
