@@ -125,6 +125,10 @@ def test_run_metrics_and_manifest_record(tmp_path):
     Metrics({"test": {"top1": 1.0}}).save(tmp_path / "stage1")
     Metrics({"fid": None}).save(tmp_path / "evaluation")
     assert run_metrics(tmp_path) == {"stage1": {"test": {"top1": 1.0}}, "evaluation": {"fid": None}}
+    Metrics.path(tmp_path / "evaluation").write_text("{\"fid\": ")            # cut short by a full disk
+    with pytest.raises(ArtifactError, match="evaluation.*not valid JSON"):
+        run_metrics(tmp_path)
+    Metrics({"fid": None}).save(tmp_path / "evaluation")
     assert step_record({"a": 1}, 2.5) == {"wall_time_s": 2.5, "summary": {"a": 1}}
     assert list(step_record({"a": 1}, 2.5)) == ["wall_time_s", "summary"]
     assert step_record({"a": 1}) == {"summary": {"a": 1}}

@@ -15,7 +15,6 @@ The writers (`artifacts.py`) are atomic: a reader sees the old file, the complet
 """
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -331,12 +330,12 @@ class Metrics:
 
 def run_metrics(root: Path) -> dict[str, dict]:
     """Each of stage1, stage3 and evaluation's metrics.json (round 1) of a run directory by step name, absent
-    ones left out (a damaged file raises json's ValueError)."""
+    ones left out (a damaged file is an ArtifactError naming it)."""
     out = {}
     for name in ("stage1", "stage3", "evaluation"):
         p = Metrics.path(RunDir(root).stage(name))
         if p.is_file():
-            out[name] = json.loads(p.read_text())
+            out[name] = read_json(p)
     return out
 
 
