@@ -16,9 +16,8 @@ from .rundir import RunDir, RunDirError
 
 def sample_grid(run_root: Path, *, per_class: int, out: str | None, guidance_scale: float | None,
                 steps: int | None, sampler: str | None, seed: int, round: int = 1) -> int:
-    """`dualpseudo sample`: a grid with one row per class from a run's diffusion model."""
-    from .diffuse.generate import generate
-    from .diffuse.train import load_diffusion
+    """`dualpseudo sample`: a grid with one row per class from a run's diffusion model (`api.Generator`)."""
+    from .api import load_generator
     from .figures import save_grid
     from .stages.files import DIFFUSION
     from .stages.pipeline import load_run_config
@@ -28,22 +27,12 @@ def sample_grid(run_root: Path, *, per_class: int, out: str | None, guidance_sca
     path = run.stage("stage2", round) / DIFFUSION
     if not path.is_file():
         raise RunDirError(f"{path} does not exist; run `dualpseudo stage2` for this run directory first")
-    device = runtime.setup(cfg.runtime)
-    ema, meta = load_diffusion(path)
-    decode = None
-    if "latent" in meta:
-        from .diffuse.latent import load_latent_decoder
-        decode = load_latent_decoder(meta, path.parent, device)
-    C = meta["num_classes"]
-    labels = np.repeat(np.arange(C), per_class)
-    seeds = seed + np.arange(len(labels))
-    images = generate(ema.to(device), labels, seeds, sampler=sampler or cfg.stage2.sampler,
-                      steps=steps or cfg.stage2.steps,
-                      guidance_scale=cfg.stage2.guidance_scale if guidance_scale is None else guidance_scale,
-                      batch_size=cfg.stage2.sample_batch_size, device=device, precision=cfg.runtime.precision,
-                      decode=decode)
+    gen = load_generator(run.root, round, runtime.setup(cfg.runtime))
+    rows = len(gen.class_names)
+    images = gen.sample(np.repeat(np.arange(rows), per_class).tolist(), seed=seed, guidance_scale=guidance_scale,
+                        steps=steps, sampler=sampler)
     target = Path(out) if out else run.sample_grid
-    save_grid(target, images, rows=C, row_names=meta.get("class_names"))
+    save_grid(target, images, rows=rows, row_names=gen.meta.get("class_names"))
     print(target)
     return 0
 
