@@ -16,7 +16,7 @@ stage 1 + stage 3's iterations (`extra`). `stage3` runs a grid of stage-3 settin
 
 Each (setting, seed) is its own run directory under --root; finished runs are reused, interrupted ones resume,
 so the command can be stopped and restarted. Stage 1 of the config's own learner runs in the end-to-end run
-directory (`e2e-l{labels}-s{seed}`), so the two tables share it instead of training it twice. `seed` sets both
+directory (`e2e-l{labels}-s{seed}{tag}`), so the two tables share it instead of training it twice. `seed` sets both
 the labeled split and the training seed. Reported models are the final EMA models; the test split is used for
 the reported number only.
 """
@@ -63,7 +63,7 @@ def stage1(args) -> None:
     for learner in args.learners:
         accs, pls, times = [], [], []
         for seed in args.seeds:
-            name = f"e2e-l{args.labels}-s{seed}" if learner == own and not args.set else \
+            name = f"e2e-l{args.labels}-s{seed}{args.tag}" if learner == own and not args.set else \
                 f"stage1-{learner}-l{args.labels}-s{seed}{args.tag}"
             d = Path(args.root) / name
             run([sys.executable, "-m", "dualpseudo", "stage1", args.config, "--run-dir", str(d),
