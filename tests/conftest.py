@@ -1,7 +1,13 @@
 """Helpers shared by the tests: the repository's paths and smoke configs, a malicious pickle, tiny IDX datasets
 written into a test's own folder (so no test needs the Debian `dataset-fashion-mnist` package, which only CI
-installs), and the label-propagation smoke run."""
+installs), and the label-propagation smoke run.
+
+HOME points at a fresh folder for the whole session, so a test that forgets `evaluation.cache_dir` can neither
+read nor write the user's own `~/.cache/dualpseudo` (encoders, FID statistics, the oracle)."""
 import gzip
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -25,6 +31,23 @@ def make_idx_dataset(root: Path, n=40, test=10, gz=True, classes=10):
         write_idx(root / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (m, 28, 28)), gz)
         write_idx(root / f"{prefix}-labels-idx1-ubyte", np.arange(m) % classes, gz)
     return root
+
+
+_HOME = {}
+
+
+def pytest_configure(config):
+    _HOME["real"], _HOME["test"] = os.environ.get("HOME"), tempfile.mkdtemp(prefix="dualpseudo-tests-home-")
+    os.environ["HOME"] = _HOME["test"]
+
+
+def pytest_unconfigure(config):
+    if _HOME.get("test"):
+        shutil.rmtree(_HOME["test"], ignore_errors=True)
+        if _HOME["real"] is None:
+            os.environ.pop("HOME", None)
+        else:
+            os.environ["HOME"] = _HOME["real"]
 
 
 ROOT = Path(__file__).resolve().parents[1]                            # the repository root
