@@ -51,7 +51,8 @@ def command(run: Path, cache: Path, nproc: int, port: int) -> list[str]:
 
 def finished_stages(run: Path) -> dict[str, dict]:
     """Stage folder -> manifest, for every stage whose manifest's output hashes still match the files."""
-    from dualpseudo.artifacts import file_hash, read_manifest
+    from dualpseudo.artifacts import file_hash
+    from dualpseudo.manifest import read_manifest
 
     out = {}
     for d in sorted(p for p in run.rglob("manifest.json")):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from dualpseudo import artifacts as A
+from dualpseudo import manifest as M
 
 from conftest import Evil
 
@@ -71,29 +72,29 @@ def test_torch_round_trip_plain_data(tmp_path):
 def test_stage_status_round_trip_and_stale_hashes(tmp_path):
     d = tmp_path / "stage1"
     A.write_json(d / "out.json", {"x": 1})
-    assert A.stage_status(d, "cfg1", {"data": "fp"}) == (False, "not run yet")
-    A.write_manifest(d, "cfg1", {"data": "fp"}, ["out.json"])
-    assert A.stage_status(d, "cfg1", {"data": "fp"}) == (True, "done")
-    assert A.stage_status(d, "cfg2", {"data": "fp"})[1] == "its config changed"
-    assert A.stage_status(d, "cfg1", {"data": "other"})[1] == "its inputs changed"
+    assert M.stage_status(d, "cfg1", {"data": "fp"}) == (False, "not run yet")
+    M.write_manifest(d, "cfg1", {"data": "fp"}, ["out.json"])
+    assert M.stage_status(d, "cfg1", {"data": "fp"}) == (True, "done")
+    assert M.stage_status(d, "cfg2", {"data": "fp"})[1] == "its config changed"
+    assert M.stage_status(d, "cfg1", {"data": "other"})[1] == "its inputs changed"
     A.write_json(d / "out.json", {"x": 2})
-    assert "changed since" in A.stage_status(d, "cfg1", {"data": "fp"})[1]
+    assert "changed since" in M.stage_status(d, "cfg1", {"data": "fp"})[1]
     (d / "out.json").unlink()
-    assert "missing" in A.stage_status(d, "cfg1", {"data": "fp"})[1]
+    assert "missing" in M.stage_status(d, "cfg1", {"data": "fp"})[1]
     (d / "manifest.json").write_text("{trunc")
-    assert A.stage_status(d, "cfg1", {"data": "fp"}) == (False, "manifest.json is unreadable")
-    A.write_json(d / "manifest.json", {"schema_version": A.SCHEMA_VERSION, "config_hash": "cfg1",
+    assert M.stage_status(d, "cfg1", {"data": "fp"}) == (False, "manifest.json is unreadable")
+    A.write_json(d / "manifest.json", {"schema_version": M.SCHEMA_VERSION, "config_hash": "cfg1",
                                        "inputs": {"data": "fp"}, "outputs": ["out.json"]})
-    assert A.stage_status(d, "cfg1", {"data": "fp"}) == (False, "manifest.json is malformed")
+    assert M.stage_status(d, "cfg1", {"data": "fp"}) == (False, "manifest.json is malformed")
 
 
 def test_reset_if_stale_drops_state_only_on_key_change(tmp_path):
     (tmp_path / "state.pt").write_bytes(b"x")
-    assert A.reset_if_stale(tmp_path, {"k": 1}, ("state.pt",)) is True   # unknown key: state not trusted
+    assert M.reset_if_stale(tmp_path, {"k": 1}, ("state.pt",)) is True   # unknown key: state not trusted
     (tmp_path / "state.pt").write_bytes(b"x")
-    assert A.reset_if_stale(tmp_path, {"k": 1}, ("state.pt",)) is False
+    assert M.reset_if_stale(tmp_path, {"k": 1}, ("state.pt",)) is False
     assert (tmp_path / "state.pt").exists()
-    assert A.reset_if_stale(tmp_path, {"k": 2}, ("state.pt",)) is True
+    assert M.reset_if_stale(tmp_path, {"k": 2}, ("state.pt",)) is True
     assert not (tmp_path / "state.pt").exists()
 
 
@@ -113,7 +114,7 @@ def test_state_hash_is_recorded_and_checked(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(A.ArtifactError, match="does not match the sha256 recorded"):
         A.load_state(path)
-    assert A.reset_if_stale(tmp_path, {"k": 1}, ("state.pt",)) is True
+    assert M.reset_if_stale(tmp_path, {"k": 1}, ("state.pt",)) is True
     assert not (tmp_path / "state.pt.sha256").exists()
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dualpseudo.artifacts import stage_status, write_manifest
+from dualpseudo.manifest import stage_status, write_manifest
 from dualpseudo.cli import main
 from dualpseudo.config import DataConfig, load_config
 from dualpseudo.data.datasets import DataError, load_dataset

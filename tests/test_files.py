@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from dualpseudo.artifacts import ArtifactError, concerning, load_npz, read_json, save_npz, write_json, write_manifest
+from dualpseudo.artifacts import ArtifactError, concerning, load_npz, read_json, save_npz, write_json
+from dualpseudo.manifest import write_manifest
 from dualpseudo.stages import files
 from dualpseudo.stages.files import Metrics, PseudoImages, PseudoLabels, Split, run_metrics, step_record, wall_time_s
 

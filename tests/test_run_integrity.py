@@ -19,7 +19,8 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from dualpseudo.artifacts import file_hash, load_npz, read_json, read_manifest
+from dualpseudo.artifacts import file_hash, load_npz, read_json
+from dualpseudo.manifest import read_manifest
 from dualpseudo.cli import main
 
 from conftest import SMOKE

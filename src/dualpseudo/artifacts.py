@@ -1,10 +1,8 @@
-"""The contracts between stages: atomic writes, safe loading, and manifests that say when a stage is done.
+"""The files stages exchange: atomic writes, safe loading, hashes (`manifest.py` says when a stage is done).
 
 Every file is written to a temporary name in the same folder and renamed into place, so a reader sees either
-the old file, the complete new file, or nothing. A stage's manifest (`manifest.json`) is written last; it
-records the schema version, the hash of the config that produced the stage, the hashes of its inputs and of
-its outputs. A stage is done only when its manifest exists, its hashes match what the caller expects and every
-output still has the recorded hash. Tensors are loaded with `weights_only=True`, never unpickled as code.
+the old file, the complete new file, or nothing. Tensors are loaded with `weights_only=True`, never unpickled as
+code.
 
 A resumable training state (`save_state`) has its sha256 recorded beside it (`state.pt.sha256`, written before
 the state is renamed into place, so it also lists the state it replaces); `load_state` refuses a state whose
@@ -27,10 +25,6 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-SCHEMA_VERSION = 2          # of run directories: what a manifest's hashes mean (a change is listed below)
-SCHEMA_CHANGES = {2: "stage hashes leave out checkpoint and log intervals and inference batch sizes"}
-MANIFEST = "manifest.json"
-STATE_KEY = "state_key.json"          # the key a stage's resumable training state was made under
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -293,6 +287,14 @@ def load_state(path: str | Path, map_location: str | torch.device = "cpu") -> An
     return load_torch(path, map_location)
 
 
+def discard_state(path: str | Path) -> None:
+    """Delete a resumable training state and its sha256 record (a stale state: see `manifest.reset_if_stale`)."""
+    path = Path(path)
+    path.unlink(missing_ok=True)
+    _state_record(path).unlink(missing_ok=True)
+    _KNOWN_STATE.pop(str(path), None)
+
+
 def save_weights(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict, key: str) -> Path:
     """Tensors as safetensors with `meta` as JSON in the header under `key`, written atomically."""
     import safetensors.torch
@@ -353,106 +355,3 @@ def array_hash(*arrays: np.ndarray) -> str:
         h.update(f"{a.dtype}{a.shape}".encode())
         h.update(a.tobytes())
     return h.hexdigest()[:16]
-
-
-def write_manifest(stage_dir: str | Path, config_hash: str, inputs: dict[str, str],
-                   outputs: list[str], extra: dict | None = None) -> dict:
-    """Record a finished stage: config hash, input hashes, and the hash of each output file (written last)."""
-    from . import __version__
-
-    stage_dir = Path(stage_dir)
-    manifest = {
-        "schema_version": SCHEMA_VERSION,
-        "package_version": __version__,
-        "config_hash": config_hash,
-        "inputs": dict(inputs),
-        "outputs": {name: file_hash(stage_dir / name) for name in outputs},
-        **(extra or {}),
-    }
-    write_json(stage_dir / MANIFEST, manifest)
-    return manifest
-
-
-def read_manifest(stage_dir: str | Path) -> dict | None:
-    """The stage's manifest, or None when it has none or an unreadable one."""
-    path = Path(stage_dir) / MANIFEST
-    if not path.is_file():
-        return None
-    try:
-        m = read_json(path)
-    except ArtifactError:
-        return None
-    return m if isinstance(m, dict) else None
-
-
-def manifest_schemas(root: str | Path) -> set[int]:
-    """The schema versions other than SCHEMA_VERSION of the readable manifests under `root` (a manifest without
-    an integer version is left to `stage_status`)."""
-    out = set()
-    for path in Path(root).rglob(MANIFEST) if Path(root).is_dir() else ():
-        m = read_manifest(path.parent)
-        version = m.get("schema_version") if m else None
-        if isinstance(version, int) and not isinstance(version, bool) and version != SCHEMA_VERSION:
-            out.add(version)
-    return out
-
-
-def stage_status(stage_dir: str | Path, config_hash: str, inputs: dict[str, str]) -> tuple[bool, str]:
-    """(done, reason): done when the manifest matches the schema, config, inputs and every output's bytes."""
-    stage_dir = Path(stage_dir)
-    m = read_manifest(stage_dir)
-    if m is None:
-        return False, f"{MANIFEST} is unreadable" if (stage_dir / MANIFEST).exists() else "not run yet"
-    if m.get("schema_version") != SCHEMA_VERSION:
-        return False, f"schema version {m.get('schema_version')} != {SCHEMA_VERSION}"
-    if m.get("config_hash") != config_hash:
-        return False, "its config changed"
-    if m.get("inputs") != inputs:
-        return False, "its inputs changed"
-    outputs = m.get("outputs")
-    if not isinstance(outputs, dict) or not outputs or not all(
-            isinstance(k, str) and k and isinstance(v, str) for k, v in outputs.items()):
-        return False, f"{MANIFEST} is malformed"
-    for name, digest in outputs.items():
-        p = stage_dir / name
-        try:
-            if not p.is_file():
-                return False, f"{name} is missing"
-            if file_hash(p) != digest:
-                return False, f"{name} changed since it was written"
-        except (OSError, ValueError):               # a name that is no file of the stage (e.g. a NUL byte)
-            return False, f"{MANIFEST} is malformed"
-    return True, "done"
-
-
-def invalidate(stage_dir: str | Path) -> None:
-    """Forget that a stage finished (its training state, if any, is kept for resuming)."""
-    (Path(stage_dir) / MANIFEST).unlink(missing_ok=True)
-
-
-def reset_if_stale(stage_dir: str | Path, key: dict, files: tuple[str, ...], key_file: str = STATE_KEY) -> bool:
-    """Delete the resumable `files` of `stage_dir` when they were made under another `key`; True if deleted.
-
-    `key` is every setting and input hash that the files depend on; it is kept in `key_file`.
-    """
-    stage_dir = Path(stage_dir)
-    path = stage_dir / key_file
-    old = None
-    if path.is_file():
-        try:
-            old = read_json(path)
-        except ArtifactError:
-            old = None
-    if old == key:
-        return False
-    stale = [stage_dir / f for f in files if (stage_dir / f).exists()]
-    for p in stale:
-        if p.is_dir():
-            shutil.rmtree(p)
-        else:
-            p.unlink()
-            _state_record(p).unlink(missing_ok=True)
-            _KNOWN_STATE.pop(str(p), None)
-    invalidate(stage_dir)
-    write_json(path, key)
-    return bool(stale)

@@ -39,7 +39,7 @@ def sample_grid(run_root: Path, *, per_class: int, out: str | None, guidance_sca
 
 def evaluate_run(run_root: Path, overrides: list[str]) -> int:
     """`dualpseudo eval`: (re-)evaluate every round's pseudo-images of a run directory (one process)."""
-    from .artifacts import stage_status, write_manifest
+    from .manifest import stage_status, write_manifest
     from .config import load_config
     from .data.datasets import load_dataset
     from .rundir import lock

@@ -15,7 +15,7 @@
   state saved under another key (other settings or data), or one that fails its sha256 or cannot be restored, is an
   `ArtifactError` naming the file: never resumed, never silently trained over. The pipeline reports such a file of a
   stage's own folder, deletes it and runs the stage again; a stage whose settings changed drops its states first
-  (`artifacts.reset_if_stale`). Per-rank generator states go through `generator_states` / `restore_generator`.
+  (`manifest.reset_if_stale`). Per-rank generator states go through `generator_states` / `restore_generator`.
 """
 from __future__ import annotations
 

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..artifacts import ArtifactError, load_npz, read_json, read_manifest, save_npz, write_json
+from ..artifacts import ArtifactError, load_npz, read_json, save_npz, write_json
+from ..manifest import read_manifest
 from ..rundir import RunDir
 from ..training import STATE, STATS  # noqa: F401  (the training loops' own files, named in training.py)
 

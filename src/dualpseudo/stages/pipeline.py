@@ -24,12 +24,12 @@ import numpy as np
 import yaml
 
 from .. import __version__, distributed, runtime
-from ..artifacts import (MANIFEST, SCHEMA_CHANGES, SCHEMA_VERSION, STATE_KEY, ArtifactError, manifest_schemas,
-                         read_json, read_manifest, reset_if_stale, stage_status, write_json, write_manifest,
-                         write_text)
+from ..artifacts import ArtifactError, read_json, write_json, write_text
 from ..config import ConfigError, ExperimentConfig, from_dict, load_config, to_dict, to_yaml
 from ..data.datasets import DataError, DataMissingError, load_dataset
 from ..distributed import World
+from ..manifest import (MANIFEST, SCHEMA_CHANGES, SCHEMA_VERSION, STATE_KEY, manifest_schemas, read_manifest,
+                        reset_if_stale, stage_status, write_manifest)
 from ..rundir import RunDir, RunDirError
 from ..rundir import lock as lock_run_dir
 from . import files

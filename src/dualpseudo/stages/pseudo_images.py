@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..artifacts import array_hash, concerning, reset_if_stale
+from ..artifacts import array_hash, concerning
+from ..manifest import reset_if_stale
 from ..config import ExperimentConfig
 from ..data.datasets import Dataset
 from ..distributed import World

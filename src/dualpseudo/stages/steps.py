@@ -14,7 +14,8 @@ from typing import Callable
 
 import numpy as np
 
-from ..artifacts import array_hash, stage_status
+from ..artifacts import array_hash
+from ..manifest import stage_status
 from ..config import ConfigError, ExperimentConfig
 from ..data.datasets import Dataset, DataError
 from ..data.splits import labeled_split, read_indices
