@@ -99,6 +99,26 @@ def test_propagate_labels_two_clusters_and_new_points():
     assert new.argmax(1).tolist() == [0, 1]
 
 
+def test_a_given_prior_keeps_a_class_that_few_extra_labeled_nodes_would_shrink():
+    """Stage 3's `class_prior: real`: pseudo-images kept unevenly (10, 10, 1) by a filter skew the weighted class
+    shares and the balance shrinks class 2 onto the others; the real labels' shares (1, 1, 1) keep it whole."""
+    rng = np.random.default_rng(2)
+    centres = np.array([[4.0, 0.0], [0.0, 4.0], [-3.0, -3.0]])
+    real = np.concatenate([rng.normal(size=(40, 2)) * 0.3 + c for c in centres]).astype(np.float32)
+    truth = np.repeat(np.arange(3), 40)
+    extra_y = np.array([0] * 10 + [1] * 10 + [2])
+    extra = (centres[extra_y] + rng.normal(size=(len(extra_y), 2)) * 0.3).astype(np.float32)
+    feats = np.concatenate([real, extra])
+    labeled = np.concatenate([[0, 40, 80], 120 + np.arange(len(extra_y))])
+    labels = np.concatenate([[0, 1, 2], extra_y])
+    pool = np.setdiff1d(np.arange(120), [0, 40, 80])
+    kw = dict(k=8, max_iter=500, balanced=True, score_of=pool, strength=np.ones(len(labels)))
+    skewed = graph.propagate(feats, labeled, labels, 3, **kw)["scores"][pool].argmax(1).numpy()
+    kept = graph.propagate(feats, labeled, labels, 3, prior=np.ones(3), **kw)["scores"][pool].argmax(1).numpy()
+    assert (skewed == 2).mean() < 0.15, "weighted shares: class 2 gets about 2/24 of the pool"
+    assert (kept == truth[pool]).mean() > 0.97, "the real labels' shares: every cluster keeps its class"
+
+
 def test_too_many_neighbours_is_an_error_naming_the_key():
     with pytest.raises(ValueError, match="graph.k=5"):
         graph.knn(torch.zeros(4, 2), 5)

@@ -161,10 +161,14 @@ class Stage3Config:
     pseudo_fraction: float = 0.5                      # share of pseudo-images in each labeled batch
     iterations: int = 0                               # 0: as many as stage 1
     pseudo_weight: float = added_later(1.0)
+    # label-propagation only: each pseudo-image's source strength in the graph relative to a real labeled image's
+    class_prior: Literal["weighted", "real"] = added_later("weighted")
+    # label-propagation only: the class shares the balanced graph gives the unlabeled images. weighted: those of
+    # every labeled node, pseudo-images counted at pseudo_weight; real: those of the real labeled images alone, so
+    # a filter that keeps fewer pseudo-images of one class does not shrink that class
     baseline: bool = added_later(False)
     # true: also stage 3 with K real images per class (stage 1's most confident labels, the same settings) in
     # stage3_baseline/, beside DPT in the report: what the generator adds over plain self-training
-    # label-propagation only: each pseudo-image's source strength in the graph relative to a real labeled image's
 
 
 @dataclass(frozen=True)

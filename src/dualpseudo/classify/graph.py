@@ -17,7 +17,7 @@ clamped labels) the solution does not degenerate to a constant at very low label
 
 `balanced` adds per-class offsets s_c, found by a short fixed-point iteration, so that argmax_c (u_ic + s_c)
 gives each class the share of the unlabeled images that the labeled images have (the class-size prior of the
-paper, as a volume constraint): no class can collapse into another. Scores are u + s divided by the standard
+paper, as a volume constraint), or a given `prior`: no class can collapse into another. Scores are u + s divided by the standard
 deviation of u; `probabilities` is their softmax, a ranking of confidence rather than a calibrated probability.
 
 New images (the test split) get the weighted mean score of their k nearest graph nodes (inductive).
@@ -154,12 +154,12 @@ def balance_offsets(scores: torch.Tensor, target: torch.Tensor, iterations: int 
 
 def propagate(feats: np.ndarray | torch.Tensor, labeled: np.ndarray, labels: np.ndarray, num_classes: int, *,
               k: int, max_iter: int, balanced: bool, score_of: np.ndarray | None = None,
-              strength: np.ndarray | None = None) -> dict:
+              strength: np.ndarray | None = None, prior: np.ndarray | None = None) -> dict:
     """Label every node of the k-NN graph of `feats` (N, D) from the labeled nodes.
 
-    `strength` (m,) weighs each labeled node's source (`poisson`). `balanced` gives each class the share it has
-    among `labels` (weighted by `strength`), over the nodes `score_of` (default: the unlabeled ones).
-    Returns {"scores": (N, C) float64 tensor, "iterations": int, "offsets": (C,) tensor}.
+    `strength` (m,) weighs each labeled node's source (`poisson`). `balanced` gives each class its share in
+    `prior` (C,) (default: its share among `labels`, weighted by `strength`), over the nodes `score_of`
+    (default: the unlabeled ones). Returns {"scores": (N, C) float64 tensor, "iterations": int, "offsets": (C,)}.
     """
     x = F.normalize(torch.as_tensor(np.asarray(feats), dtype=torch.float32), dim=1)
     W = knn_graph(x, k)
@@ -168,7 +168,9 @@ def propagate(feats: np.ndarray | torch.Tensor, labeled: np.ndarray, labels: np.
     offsets = torch.zeros(num_classes, dtype=u.dtype)
     if balanced:
         w = np.ones(len(labels)) if strength is None else np.asarray(strength, dtype=np.float64)
-        target = np.bincount(np.asarray(labels), weights=w, minlength=num_classes) / w.sum()
+        target = np.bincount(np.asarray(labels), weights=w, minlength=num_classes) if prior is None else \
+            np.asarray(prior, dtype=np.float64)
+        target = target / target.sum()
         rows = np.setdiff1d(np.arange(len(x)), labeled) if score_of is None else score_of
         if len(rows):
             offsets = balance_offsets(u[torch.as_tensor(rows)], torch.as_tensor(target, dtype=u.dtype))

@@ -188,21 +188,24 @@ def _fit_and_label_graph(cfg: ExperimentConfig, ds: Dataset, labeled_idx: np.nda
     """The label-propagation learner: Poisson learning on the k-NN graph of the training images' features.
 
     Stage 3 adds the pseudo-images to the graph as labeled nodes whose sources weigh `stage3.pseudo_weight`
-    each (a real label weighs 1). The class-size prior is the labeled images' class distribution (real + pseudo,
-    weighted), enforced over the unlabeled real images. Test images take the scores
+    each (a real label weighs 1). The class-size prior, enforced over the unlabeled real images, is the labeled
+    nodes' class distribution (real + pseudo, weighted), or with `stage3.class_prior: real` the real labeled
+    images' alone. Test images take the scores
     of their nearest graph nodes. The saved "classifier" is the graph's scores and node features with the
     encoder's identity (`api.load_classifier` predicts new images from it).
     """
     g = cfg.graph
     f_train = features(ds.train_images, "train")                           # (N, D)
     nodes, labeled, labels = f_train, np.asarray(labeled_idx), ds.train_labels[labeled_idx]
-    strength = np.ones(len(labeled))
+    strength, prior = np.ones(len(labeled)), None
     if x_pseudo is not None and len(x_pseudo):
         f_ps = features(x_pseudo, "pseudo")
         nodes = np.concatenate([f_train, f_ps])
         labeled = np.concatenate([labeled, len(f_train) + np.arange(len(f_ps))])
         labels = np.concatenate([labels, np.asarray(y_pseudo, dtype=np.int64)])
         strength = np.concatenate([strength, np.full(len(f_ps), cfg.stage3.pseudo_weight)])
+        if cfg.stage3.class_prior == "real":
+            prior = np.bincount(ds.train_labels[labeled_idx], minlength=ds.num_classes).astype(np.float64)
     pool = np.setdiff1d(np.arange(len(f_train)), labeled_idx)
     transform, whiten = {}, ({"whiten": g.whiten} if g.whiten else {})
     if g.whiten:                                          # fitted on the real training images, without labels
@@ -210,7 +213,7 @@ def _fit_and_label_graph(cfg: ExperimentConfig, ds: Dataset, labeled_idx: np.nda
         transform = {"whiten_mean": mean, "whiten_projection": projection}
         nodes = graph.whiten(nodes, mean, projection)
     result = graph.propagate(nodes, labeled, labels, ds.num_classes, k=g.k, max_iter=g.max_iter,
-                             balanced=g.balanced, score_of=pool, strength=strength)
+                             balanced=g.balanced, score_of=pool, strength=strength, prior=prior)
     scores = result["scores"]                                              # (N [+ P], C)
     tensors = {"scores": scores.float().contiguous(),                     # the nodes' features: for new images
                "features": torch.as_tensor(np.ascontiguousarray(nodes, np.float32)), **transform}
@@ -232,6 +235,7 @@ def _fit_and_label_graph(cfg: ExperimentConfig, ds: Dataset, labeled_idx: np.nda
                         "iterations": result["iterations"],
                         "num_nodes": int(len(nodes)), "num_labeled_nodes": int(len(labeled)),
                         "pseudo_weight": cfg.stage3.pseudo_weight if len(labeled) > len(labeled_idx) else None,
+                        "class_prior": cfg.stage3.class_prior if len(labeled) > len(labeled_idx) else None,
                         "class_offsets": result["offsets"].tolist()}
     return metrics
 
