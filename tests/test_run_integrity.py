@@ -288,8 +288,13 @@ CASES = [
            r"2\), so its finished stages cannot be recognised; use a new --run-dir, or rerun "
            r"`dualpseudo run CONFIG --run-dir .* --force`")
       for cmd in ("run", "stage3", "eval")],
-    Case("old-schema-forced", "run", old_schema, 0, r"\[stage1\] running \(schema version 1 != 2\)",
+    Case("newer-schema-forced", "run", lambda run, ctx: old_schema(run, ctx, 3), 0,
+         r"\[stage1\] running \(schema version 3 != 2\)",
          force=True, rebuilt=STAGES, check=same_arrays("stage2/pseudo_images.npz", "images", "labels")),
+    # ... --force on a schema-1 directory converts it first: only the stages the changed keys affect re-run
+    Case("schema-1-forced", "run", schema_1, 0,
+         r"recognised: stage1, stage2, evaluation$(.|\n)*^\[stage2\] reused(.|\n)*^\[stage3\] running \(its config "
+         r"changed\)", sets=("stage3.iterations=9",), force=True, rebuilt=("stage3",)),
 ]
 
 

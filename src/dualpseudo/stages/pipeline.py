@@ -62,12 +62,13 @@ def check_run_dir(cfg: ExperimentConfig, run: RunDir, force: bool) -> None:
 
 def check_schema(run: RunDir, force: bool = False) -> bool:
     """Refuse a run directory whose manifests another run-directory schema wrote (their hashes mean something
-    else) unless `force`, which re-runs its stages; True when they are schema 1's, which `carry_over` converts."""
+    else) unless `force`, which re-runs its stages; True when they are schema 1's, which `carry_over` converts
+    (with `force` too: the stages the changed keys do not affect are kept, not retrained)."""
     other = manifest_schemas(run.root)
-    if not other or force:
-        return False
     if other == {1}:
         return True
+    if not other or force:
+        return False
     version = max(other)
     why = (f"a newer dualpseudo (run-directory schema {version}; this version reads {SCHEMA_VERSION})"
            if version > SCHEMA_VERSION else
