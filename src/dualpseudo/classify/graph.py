@@ -15,10 +15,11 @@ until a random walk started on the labeled nodes has mixed (its distribution is 
 one d / sum(d)), as in the authors' `graphlearning` package. Unlike Laplace learning (label propagation with
 clamped labels) the solution does not degenerate to a constant at very low label rates.
 
-`balanced` adds per-class offsets s_c, found by a short fixed-point iteration, so that argmax_c (u_ic + s_c)
-gives each class the share of the unlabeled images that the labeled images have (the class-size prior of the
-paper, as a volume constraint), or a given `prior`: no class can collapse into another. Scores are u + s divided by the standard
-deviation of u; `probabilities` is their softmax, a ranking of confidence rather than a calibrated probability.
+`balanced` adds per-class offsets s_c, found by a short fixed-point iteration, so that argmax_c (u_ic + s_c) gives
+each class the share of the unlabeled images that the labeled images have (the class-size prior of the paper, as a
+volume constraint), or a given `prior`: no class can collapse into another. Scores are u + s divided by the
+standard deviation of u; `probabilities` is their softmax, a ranking of confidence rather than a calibrated
+probability.
 
 New images (the test split) get the weighted mean score of their k nearest graph nodes (inductive).
 
@@ -167,10 +168,10 @@ def propagate(feats: np.ndarray | torch.Tensor, labeled: np.ndarray, labels: np.
     u = u / (u.std() if float(u.std()) > 0 else 1.0)
     offsets = torch.zeros(num_classes, dtype=u.dtype)
     if balanced:
-        w = np.ones(len(labels)) if strength is None else np.asarray(strength, dtype=np.float64)
-        target = np.bincount(np.asarray(labels), weights=w, minlength=num_classes) if prior is None else \
-            np.asarray(prior, dtype=np.float64)
-        target = target / target.sum()
+        if prior is None:
+            w = np.ones(len(labels)) if strength is None else np.asarray(strength, dtype=np.float64)
+            prior = np.bincount(np.asarray(labels), weights=w, minlength=num_classes)
+        target = np.asarray(prior, dtype=np.float64) / np.sum(prior)
         rows = np.setdiff1d(np.arange(len(x)), labeled) if score_of is None else score_of
         if len(rows):
             offsets = balance_offsets(u[torch.as_tensor(rows)], torch.as_tensor(target, dtype=u.dtype))
