@@ -189,21 +189,24 @@ def stage3_grid(args) -> None:
         for src in args.sources:
             for w in args.weights:
                 for f in args.filters:
-                    v = Path(f"{d}-w{w:g}-{f}" + ("-real" if src == "real" else ""))
-                    _copy_upstream(d, v)
-                    run([sys.executable, "-m", "dualpseudo", "stage3", args.config, "--run-dir", str(v), "--force",
-                         *common, "--set", f"stage3.pseudo_weight={w}", "--set", f"stage3.filter={f}",
-                         "--set", f"stage3.pseudo_source={src}"])
-                    m = read(v / "stage3" / "metrics.json")
-                    rows.setdefault((src, f"{w:g}", f), []).append((m["pseudo_labels"]["accuracy"],
-                                                                   m["test"]["top1"]))
-    print(f"\n| pseudo-images | pseudo_weight | filter | pool acc. per seed {args.seeds} | pool acc. mean | "
-          f"test top-1 per seed | test top-1 |")
-    print("|---|---|---|---|---|---|---|")
+                    for prior in args.priors:
+                        v = Path(f"{d}-w{w:g}-{f}" + ("-real" if src == "real" else "")
+                                 + ("" if prior == "weighted" else f"-prior-{prior}"))
+                        _copy_upstream(d, v)
+                        run([sys.executable, "-m", "dualpseudo", "stage3", args.config, "--run-dir", str(v),
+                             "--force", *common, "--set", f"stage3.pseudo_weight={w}", "--set", f"stage3.filter={f}",
+                             "--set", f"stage3.pseudo_source={src}", "--set", f"stage3.class_prior={prior}"])
+                        m = read(v / "stage3" / "metrics.json")
+                        rows.setdefault((src, f"{w:g}", f, prior), []).append((m["pseudo_labels"]["accuracy"],
+                                                                              m["test"]["top1"]))
+    print(f"\n| pseudo-images | pseudo_weight | filter | class_prior | pool acc. per seed {args.seeds} | "
+          f"pool acc. mean | test top-1 per seed | test top-1 |")
+    print("|---|---|---|---|---|---|---|---|")
     for key, r in rows.items():
-        src, w, f = key if len(key) == 3 else ("none (stage 1)", "—", "—")
-        print(f"| {src} | {w} | {f} | " + " / ".join(_pct(p) for p, _ in r) + f" | {mean_std([p for p, _ in r])} | "
-              + " / ".join(_pct(t) for _, t in r) + f" | {mean_std([t for _, t in r])} |")
+        src, w, f, prior = key if len(key) == 4 else ("none (stage 1)", "—", "—", "—")
+        print(f"| {src} | {w} | {f} | {prior} | " + " / ".join(_pct(p) for p, _ in r)
+              + f" | {mean_std([p for p, _ in r])} | " + " / ".join(_pct(t) for _, t in r)
+              + f" | {mean_std([t for _, t in r])} |")
 
 
 def main() -> None:
@@ -222,6 +225,8 @@ def main() -> None:
     p.add_argument("--sources", nargs="+", default=["generated"], choices=["generated", "real"],
                    help="stage3: stage3.pseudo_source values (real: the self-training baseline)")
     p.add_argument("--filters", nargs="+", default=["none"], choices=["none", "agree"], help="stage3: filters")
+    p.add_argument("--priors", nargs="+", default=["weighted"], choices=["weighted", "real"],
+                   help="stage3: stage3.class_prior values")
     args = p.parse_args()
     if args.set and not args.tag:
         p.error("--set changes the runs: give them their own directories with --tag NAME")
