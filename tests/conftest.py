@@ -1,6 +1,6 @@
 """Helpers shared by the tests: the repository's paths and smoke configs, a malicious pickle, tiny IDX datasets
 written into a test's own folder (so no test needs the Debian `dataset-fashion-mnist` package, which only CI
-installs), and the label-propagation smoke run.
+installs), the label-propagation smoke run, and torch's thread count put back after every test.
 
 HOME points at a fresh folder for the whole session, so a test that forgets `evaluation.cache_dir` can neither
 read nor write the user's own `~/.cache/dualpseudo` (encoders, FID statistics, the oracle)."""
@@ -48,6 +48,18 @@ def pytest_unconfigure(config):
             os.environ.pop("HOME", None)
         else:
             os.environ["HOME"] = _HOME["real"]
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_put_back():
+    """A run inside a test may set `runtime.threads` (the smoke configs use 1): put torch's thread count back
+    after every test, so the tests after it do not silently run on one thread."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
 
 
 ROOT = Path(__file__).resolve().parents[1]                            # the repository root
