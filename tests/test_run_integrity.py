@@ -164,6 +164,11 @@ def schema_1(run: Path, ctx: dict) -> None:
         man = read_json(run / name / "manifest.json")
         man.update(schema_version=1, config_hash=decl.legacy_hash(cfg))
         (run / name / "manifest.json").write_text(json.dumps(man))
+    from dualpseudo.stages.declare import stage2_model_key_schema1      # stage 2's model and chunks, schema 1's keys
+    model_key = {**read_json(run / "stage2" / "state_key.json"), **stage2_model_key_schema1(cfg)}
+    (run / "stage2" / "state_key.json").write_text(json.dumps(model_key))
+    sample_key = {**read_json(run / "stage2" / "sample_key.json"), "model": model_key}
+    (run / "stage2" / "sample_key.json").write_text(json.dumps(sample_key))
     ctx["times"] = {p: p.stat().st_mtime_ns for s in STAGES for p in (run / s).rglob("*")
                     if p.is_file() and p.name != "manifest.json"}
 
@@ -177,6 +182,18 @@ def stage1_hash_unknown(run: Path, ctx: dict) -> None:
 
 def nothing_rewritten(run: Path, finished: Path, ctx: dict) -> None:
     assert ctx["times"] == {p: p.stat().st_mtime_ns for p in ctx["times"]}
+
+
+def model_kept(run: Path, finished: Path, ctx: dict) -> None:
+    """Stage 2's trained model was not trained again (only its images were sampled again), and it is now kept under
+    this schema's key."""
+    from dualpseudo.config import load_config
+    from dualpseudo.stages.declare import stage2_model_key
+    for name in ("diffusion.safetensors", "stats.jsonl"):
+        p = run / "stage2" / name
+        assert p.stat().st_mtime_ns == ctx["times"][p], name
+    cfg = load_config(SMOKE, TINY + [f"evaluation.cache_dir={ctx['cache']}"])
+    assert read_json(run / "stage2" / "state_key.json")["stage2_train"] == stage2_model_key(cfg)["stage2_train"]
 
 
 def manifests_converted(run: Path, finished: Path, ctx: dict) -> None:
@@ -295,6 +312,10 @@ CASES = [
     Case("schema-1-forced", "run", schema_1, 0,
          r"recognised: stage1, stage2, evaluation$(.|\n)*^\[stage2\] reused(.|\n)*^\[stage3\] running \(its config "
          r"changed\)", sets=("stage3.iterations=9",), force=True, rebuilt=("stage3",)),
+    # ... and a sampler change there samples again with the model schema 1 trained, without training it again
+    Case("schema-1-resampled", "run", schema_1, 0, r"recognised: stage1, stage3, evaluation$(.|\n)*^\[stage2\] "
+         r"running \(its config changed\)", sets=("stage2.steps=3",), force=True,
+         rebuilt=("stage2", "stage3", "evaluation"), check=model_kept),
 ]
 
 

@@ -93,6 +93,20 @@ def invalidate(stage_dir: str | Path) -> None:
     (Path(stage_dir) / MANIFEST).unlink(missing_ok=True)
 
 
+def adopt_key(stage_dir: str | Path, old: dict, new: dict, key_file: str = STATE_KEY) -> bool:
+    """Keep files made under `old` (the same settings as an earlier run-directory schema hashed them) by writing
+    `new` in their place in `key_file`; True if the key was rewritten (`reset_if_stale` then keeps the files)."""
+    path = Path(stage_dir) / key_file
+    try:
+        current = read_json(path) if path.is_file() else None
+    except ArtifactError:
+        return False
+    if current != old or old == new:
+        return False
+    write_json(path, new)
+    return True
+
+
 def reset_if_stale(stage_dir: str | Path, key: dict, files: tuple[str, ...], key_file: str = STATE_KEY) -> bool:
     """Delete the resumable `files` of `stage_dir` when they were made under another `key`; True if deleted.
 

@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Callable
 
 from ..artifacts import file_hash
-from ..config import LENGTH, SAMPLING, TRAINING, ExperimentConfig, Stage1Config, config_hash, fields_in_roles
+from ..config import (LENGTH, SAMPLING, SCHEDULE, TRAINING, ExperimentConfig, Stage1Config, config_hash,
+                      fields_in_roles)
 from ..diffuse.latent import AE_STATE, AUTOENCODER
 from ..diffuse.latent import LATENTS as LATENTS_FILE
 from . import files
@@ -202,6 +203,16 @@ def stage2_model_key(cfg: ExperimentConfig) -> dict:
     s2 = parts.pop("stage2")
     return {"stage2_train": config_hash(fields_in_roles(s2, *MODEL_ROLES)),
             **{k: config_hash(judged(v)) if dataclasses.is_dataclass(v) else v for k, v in parts.items()}}
+
+
+def stage2_model_key_schema1(cfg: ExperimentConfig) -> dict:
+    """The model key run-directory schema 1 gave the same model (SCHEDULE fields included), by which
+    `pseudo_images` recognises a model an earlier version trained (a converted directory keeps its model when
+    only SAMPLING fields change)."""
+    parts = _stage2_reads(cfg)
+    s2 = parts.pop("stage2")
+    return {"stage2_train": config_hash(fields_in_roles(s2, TRAINING, LENGTH, SCHEDULE)),
+            **{k: config_hash(v) if dataclasses.is_dataclass(v) else v for k, v in parts.items()}}
 
 
 def stage2_sampling_key(cfg: ExperimentConfig, model_key: dict) -> dict:

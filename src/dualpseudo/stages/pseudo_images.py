@@ -16,17 +16,18 @@ import numpy as np
 import torch
 
 from ..artifacts import array_hash, concerning
-from ..manifest import reset_if_stale
+from ..manifest import adopt_key, reset_if_stale
 from ..config import ExperimentConfig
 from ..data.datasets import Dataset
 from ..distributed import World
 from ..diffuse.generate import generate_chunks
 from ..diffuse.train import load_diffusion, save_diffusion, train_diffusion
 from ..figures import save_grid
-from .declare import LATENTS, stage2_model_key, stage2_sampling_key
+from .declare import LATENTS, stage2_model_key, stage2_model_key_schema1, stage2_sampling_key
 from .files import DIFFUSION, GRID, STATE, STATS, PseudoImages, PseudoLabels
 
 TRAIN_FILES = (STATE, STATS, DIFFUSION)
+SAMPLE_KEY = "sample_key.json"                      # the key the generated chunks were made under
 
 
 def conditioning_labels(cfg: ExperimentConfig, ds: Dataset, pseudo: PseudoLabels | None) -> np.ndarray:
@@ -63,7 +64,12 @@ def run_stage2(cfg: ExperimentConfig, ds: Dataset, labels_dir: Path | None, out:
     s2 = cfg.stage2
     pseudo = PseudoLabels.load(labels_dir) if labels_dir else None
     labels = conditioning_labels(cfg, ds, pseudo)
-    train_key = {**stage2_model_key(cfg), "labels": array_hash(labels), "dataset": ds.fingerprint}
+    data_keys = {"labels": array_hash(labels), "dataset": ds.fingerprint}
+    train_key = {**stage2_model_key(cfg), **data_keys}
+    if world.is_main:                                   # a model (and chunks) made under schema 1's keys: kept
+        schema1 = {**stage2_model_key_schema1(cfg), **data_keys}
+        adopt_key(out, schema1, train_key)
+        adopt_key(out, stage2_sampling_key(cfg, schema1), stage2_sampling_key(cfg, train_key), SAMPLE_KEY)
     ema, decode, image_shape = _model(cfg, ds, labels, train_key, out, device, world, progress)
     unconditional = s2.label_source == "none"
     guidance = 0.0 if unconditional else s2.guidance_scale
@@ -119,7 +125,7 @@ def _sample(cfg: ExperimentConfig, ema: torch.nn.Module, labels: np.ndarray, see
     the other ranks get None."""
     s2 = cfg.stage2
     if world.is_main:
-        reset_if_stale(out, sample_key, ("chunks",), key_file="sample_key.json")
+        reset_if_stale(out, sample_key, ("chunks",), key_file=SAMPLE_KEY)
     world.barrier()
     sampling = dict(sampler=s2.sampler, steps=s2.steps, guidance_scale=guidance, batch_size=s2.sample_batch_size,
                     device=device, precision=cfg.runtime.precision, **decoding)
