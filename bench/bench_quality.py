@@ -6,13 +6,15 @@
     python bench/bench_quality.py e2e --labels-list 1 2 4 10 --seeds 0
     python bench/bench_quality.py dpt --seeds 0 1 2 --labels 4      # DPT against its baselines, same splits
     python bench/bench_quality.py stage3 --seeds 3 4 --labels 4 --tag lp --weights 1 0.2 --filters none agree
+    python bench/bench_quality.py stage3 --seeds 3 4 --labels 1 --tag lpw256 --filters agree none --priors weighted real
 
 `dpt` runs the config end to end per seed, then stage 3 again in copies of each run directory (stage 1 and 2
 reused) for the baselines and variants: `real` (K real images per class with stage 1's most confident labels
 instead of generated ones, with the config's stage-3 settings: plain self-training), `unweighted` (every
 pseudo-image a full-weight labeled node, no judge), `probe` (stage 3 a logistic regression on labeled +
 pseudo-images, the paper's ImageNet stage 3), and, with --extra for the network learners, stage 1 trained for
-stage 1 + stage 3's iterations (`extra`). `stage3` runs a grid of stage-3 settings on the same run directories.
+stage 1 + stage 3's iterations (`extra`). `stage3` runs a grid of stage-3 settings (`--weights`, `--filters`,
+`--priors`, `--sources`) on the same run directories.
 
 Each (setting, seed) is its own run directory under --root; finished runs are reused, interrupted ones resume,
 so the command can be stopped and restarted. Stage 1 of the config's own learner runs in the end-to-end run
