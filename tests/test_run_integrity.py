@@ -164,8 +164,8 @@ def schema_1(run: Path, ctx: dict) -> None:
         man = read_json(run / name / "manifest.json")
         man.update(schema_version=1, config_hash=decl.legacy_hash(cfg))
         (run / name / "manifest.json").write_text(json.dumps(man))
-    from dualpseudo.stages.declare import stage2_model_key_schema1      # stage 2's model and chunks, schema 1's keys
-    model_key = {**read_json(run / "stage2" / "state_key.json"), **stage2_model_key_schema1(cfg)}
+    from dualpseudo.stages.declare import stage2_model_key      # stage 2's model and chunks, schema 1's keys
+    model_key = {**read_json(run / "stage2" / "state_key.json"), **stage2_model_key(cfg, schema1=True)}
     (run / "stage2" / "state_key.json").write_text(json.dumps(model_key))
     sample_key = {**read_json(run / "stage2" / "sample_key.json"), "model": model_key}
     (run / "stage2" / "sample_key.json").write_text(json.dumps(sample_key))

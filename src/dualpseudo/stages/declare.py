@@ -196,23 +196,15 @@ def oracle_config(cfg: ExperimentConfig) -> Stage1Config:
 MODEL_ROLES = (TRAINING, LENGTH)     # what the diffusion model's files depend on (not SAMPLING nor SCHEDULE)
 
 
-def stage2_model_key(cfg: ExperimentConfig) -> dict:
+def stage2_model_key(cfg: ExperimentConfig, schema1: bool = False) -> dict:
     """Stage 2's declaration without its SAMPLING fields: the key of the trained model's files (the caller adds
-    the hashes of the labels and images it trains on)."""
+    the hashes of the labels and images it trains on). `schema1`: the key run-directory schema 1 gave the same
+    model (SCHEDULE fields included), by which `pseudo_images` keeps a model an earlier version trained."""
     parts = _stage2_reads(cfg)
     s2 = parts.pop("stage2")
-    return {"stage2_train": config_hash(fields_in_roles(s2, *MODEL_ROLES)),
-            **{k: config_hash(judged(v)) if dataclasses.is_dataclass(v) else v for k, v in parts.items()}}
-
-
-def stage2_model_key_schema1(cfg: ExperimentConfig) -> dict:
-    """The model key run-directory schema 1 gave the same model (SCHEDULE fields included), by which
-    `pseudo_images` recognises a model an earlier version trained (a converted directory keeps its model when
-    only SAMPLING fields change)."""
-    parts = _stage2_reads(cfg)
-    s2 = parts.pop("stage2")
-    return {"stage2_train": config_hash(fields_in_roles(s2, TRAINING, LENGTH, SCHEDULE)),
-            **{k: config_hash(v) if dataclasses.is_dataclass(v) else v for k, v in parts.items()}}
+    roles, seen = ((*MODEL_ROLES, SCHEDULE), lambda v: v) if schema1 else (MODEL_ROLES, judged)
+    return {"stage2_train": config_hash(fields_in_roles(s2, *roles)),
+            **{k: config_hash(seen(v)) if dataclasses.is_dataclass(v) else v for k, v in parts.items()}}
 
 
 def stage2_sampling_key(cfg: ExperimentConfig, model_key: dict) -> dict:

@@ -23,7 +23,7 @@ from ..distributed import World
 from ..diffuse.generate import generate_chunks
 from ..diffuse.train import load_diffusion, save_diffusion, train_diffusion
 from ..figures import save_grid
-from .declare import LATENTS, stage2_model_key, stage2_model_key_schema1, stage2_sampling_key
+from .declare import LATENTS, stage2_model_key, stage2_sampling_key
 from .files import DIFFUSION, GRID, STATE, STATS, PseudoImages, PseudoLabels
 
 TRAIN_FILES = (STATE, STATS, DIFFUSION)
@@ -67,7 +67,7 @@ def run_stage2(cfg: ExperimentConfig, ds: Dataset, labels_dir: Path | None, out:
     data_keys = {"labels": array_hash(labels), "dataset": ds.fingerprint}
     train_key = {**stage2_model_key(cfg), **data_keys}
     if world.is_main:                                   # a model (and chunks) made under schema 1's keys: kept
-        schema1 = {**stage2_model_key_schema1(cfg), **data_keys}
+        schema1 = {**stage2_model_key(cfg, schema1=True), **data_keys}
         adopt_key(out, schema1, train_key)
         adopt_key(out, stage2_sampling_key(cfg, schema1), stage2_sampling_key(cfg, train_key), SAMPLE_KEY)
     ema, decode, image_shape = _model(cfg, ds, labels, train_key, out, device, world, progress)
