@@ -13,8 +13,6 @@ from dualpseudo.artifacts import load_npz, read_json
 from dualpseudo.cli import main
 from dualpseudo.data.datasets import make_synthetic
 
-from conftest import SMOKE_GRAPH
-
 
 def _write_pngs(folder: Path, images: np.ndarray) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)

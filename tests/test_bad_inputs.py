@@ -15,7 +15,7 @@ from PIL import Image
 from dualpseudo.manifest import stage_status, write_manifest
 from dualpseudo.cli import main
 from dualpseudo.config import DataConfig, load_config
-from dualpseudo.data.datasets import DataError, load_dataset
+from dualpseudo.data.datasets import load_dataset
 from dualpseudo.data.splits import read_indices
 from dualpseudo.rundir import RunDir
 

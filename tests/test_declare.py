@@ -12,7 +12,7 @@ import pytest
 
 from dualpseudo.classify.contrastive import _resume_key as encoder_resume_key
 from dualpseudo.classify.train import _resume_key as stage1_resume_key
-from dualpseudo.config import (LENGTH, SAMPLING, SCHEDULE, TRAINING, ExperimentConfig, Stage1Config, Stage2Config,
+from dualpseudo.config import (LENGTH, LOCATION, SAMPLING, SCHEDULE, TRAINING, ExperimentConfig, Stage1Config, Stage2Config,
                                added_later, load_config, role_of, setting)
 from dualpseudo.diffuse.train import _training_hash
 from dualpseudo.stages.declare import (ENCODER_DECL, EVALUATION, LATENTS, ORACLE, STAGE1, STAGE2, STAGE3,
@@ -50,10 +50,20 @@ def test_every_field_has_a_known_role():
     cfg = ExperimentConfig()
     sections = [getattr(cfg, f.name) for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(getattr(cfg, f.name))]
     for obj in sections:
-        assert {role_of(obj, f.name) for f in dataclasses.fields(obj)} <= {TRAINING, LENGTH, SCHEDULE, SAMPLING}
+        assert {role_of(obj, f.name) for f in dataclasses.fields(obj)} <= {TRAINING, LENGTH, SCHEDULE, SAMPLING,
+                                                                            LOCATION}
     s2 = Stage2Config()
     assert role_of(s2, "steps") == SAMPLING and role_of(s2, "duration_kimg") == LENGTH
     assert role_of(s2, "log_every_kimg") == SCHEDULE and role_of(s2, "lr") == TRAINING
+
+
+def test_the_cache_location_changes_no_key():
+    """evaluation.cache_dir (LOCATION) enters the keys at its default: moving the cache re-runs nothing (the
+    default's hashes, those of run directories made before, are pinned in test_behaviour_pin.py)."""
+    cfg = load_config(None)
+    moved = dataclasses.replace(cfg, evaluation=dataclasses.replace(cfg.evaluation, cache_dir="/elsewhere"))
+    assert role_of(cfg.evaluation, "cache_dir") == LOCATION
+    assert changed(cfg, moved) == set()
 
 
 def test_a_new_field_at_its_default_changes_no_key():

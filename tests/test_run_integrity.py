@@ -370,6 +370,19 @@ def test_a_schedule_change_reruns_nothing(finished, tmp_path, capsys):
     assert before == {p: p.stat().st_mtime_ns for p in files}
 
 
+def test_a_moved_cache_reruns_nothing(finished, tmp_path, capsys):
+    """`evaluation.cache_dir` says where the shared caches live, not what a stage computes: a finished run pointed
+    at a new, empty cache folder reuses every stage and writes no file of a stage again."""
+    run = tmp_path / "run"
+    shutil.copytree(finished[0], run)
+    files = [p for s in STAGES for p in (run / s).rglob("*") if p.is_file()]
+    before = {p: p.stat().st_mtime_ns for p in files}
+    assert main(argv("run", run, tmp_path / "moved-cache") + ["--force"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"[{s}] reused" in out for s in STAGES) and "running" not in out, out
+    assert before == {p: p.stat().st_mtime_ns for p in files}
+
+
 def test_sigterm_says_interrupted(tmp_path):
     """SIGTERM during training ends like Ctrl-C: a line saying so, exit 143, no traceback, nothing marked done."""
     run = tmp_path / "run"

@@ -27,6 +27,7 @@ TRAINING = "training"    # changes what a stage computes: its manifest hash, res
 LENGTH = "length"        # how long a loop trains: manifest hash and reset key; a shorter run's state continues
 SCHEDULE = "schedule"    # when states/logs are written, inference batch sizes: no key (a change re-runs nothing)
 SAMPLING = "sampling"    # stage 2's sampler settings: manifest hash and the sampling key, not the model's keys
+LOCATION = "location"    # where shared caches are kept: keys see its default, so moving them re-runs nothing
 
 
 def setting(default: Any, role: str = TRAINING) -> Any:
@@ -253,7 +254,7 @@ class EvalConfig:
     resize_mode: Literal["tf_legacy", "bilinear_aa"] = "tf_legacy"  # resize to 299 px (evaluate/inception.py)
     inception_precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast of the Inception network
     fid_reference_images: int = 10000                 # real training images for the reference statistics
-    cache_dir: str = "~/.cache/dualpseudo"           # FID reference stats, the oracle, decoded image folders (keyed)
+    cache_dir: str = setting("~/.cache/dualpseudo", LOCATION)  # FID reference stats, the oracle, encoders (keyed)
     fid_method: Literal["eigh", "sqrtm"] = "eigh"     # trace of the covariance square root (evaluate/fid.py)
     oracle_network: str = "cnn_small"                # a classifier network, or "none": no oracle metrics
     oracle_iterations: int = 2000

@@ -8,7 +8,9 @@ A stage's `reads` names the config sections (or single values) it depends on. Fr
   LENGTH, SCHEDULE, SAMPLING): a loop resumes a state whose TRAINING fields match, whatever its checkpoint/log
   intervals; stage 2 keeps its model while only SAMPLING fields change (`stage2_model_key`, `stage2_sampling_key`).
 SCHEDULE fields (checkpoint and log intervals, inference batch sizes) enter none of these keys (`judged`), so
-changing one re-runs nothing.
+changing one re-runs nothing. A LOCATION field (`evaluation.cache_dir`) enters them at its default value: moving
+the cache re-runs nothing, and the keys of run directories made while it entered them as set stay as they were
+for the default.
 
 Adding a config field is therefore one line in config.py: its section is read by the stages that declare it, and
 its role says which of their keys it enters.
@@ -26,7 +28,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..artifacts import file_hash
-from ..config import (LENGTH, SAMPLING, SCHEDULE, TRAINING, ExperimentConfig, Stage1Config, config_hash,
+from ..config import (LENGTH, LOCATION, SAMPLING, SCHEDULE, TRAINING, ExperimentConfig, Stage1Config, config_hash,
                       fields_in_roles)
 from ..diffuse.latent import AE_STATE, AUTOENCODER
 from ..diffuse.latent import LATENTS as LATENTS_FILE
@@ -82,9 +84,13 @@ KEY_ROLES = (TRAINING, LENGTH, SAMPLING)        # the roles that enter a stage's
 
 
 def judged(value):
-    """What a stage's keys see of a value it reads: a config section without its SCHEDULE fields (a dict of the
-    others), anything else as it is."""
-    return fields_in_roles(value, *KEY_ROLES) if dataclasses.is_dataclass(value) else value
+    """What a stage's keys see of a value it reads: a config section without its SCHEDULE fields and with its
+    LOCATION fields at their defaults (a dict), anything else as it is."""
+    if not dataclasses.is_dataclass(value):
+        return value
+    seen = fields_in_roles(value, *KEY_ROLES, LOCATION)
+    defaults = {f.name: f.default for f in dataclasses.fields(value) if f.metadata.get("role") == LOCATION}
+    return {k: defaults.get(k, v) for k, v in seen.items()}
 
 
 def needs_encoder(cfg: ExperimentConfig) -> bool:
