@@ -259,6 +259,9 @@ def test_min_confidence_trains_unsure_images_as_the_null_class(smoke_run, tmp_pa
     assert summary["conditional_fraction"] == pytest.approx(conditional.mean())
     gen = load_npz(run / "stage2/pseudo_images.npz", ("labels",))
     assert np.bincount(gen["labels"]).tolist() == [8] * 4, "sampling is still class-conditional"
+    assert run_cli("report", "--run-dir", str(run)) == 0
+    line = f"pseudo-labels of confidence >= {threshold:g} ({100 * conditional.mean():.2f}% of the training images"
+    assert line in (run / "report.md").read_text(encoding="utf-8")
 
 
 def test_sample_grid_command(smoke_run, tmp_path, capsys):

@@ -13,7 +13,7 @@ import numpy as np
 from .figures import bars_png, curves_png, heatmap_png, as_number
 from .render import Block, to_html, to_markdown
 from .stages.files import (CLASSIFIER, DIFFUSION, GRID, METRICS, STATS, Metrics, PseudoImages, Split, get_path,
-                           read_object, wall_time_s)
+                           read_object, step_summary, wall_time_s)
 
 
 # ------------------------------------------------------------------------------------------------ the run report
@@ -251,8 +251,13 @@ def _headline(run, rounds: list[int], cfg: dict, s1: Metrics) -> list[Block]:
             ["stage-1 learner / network", f"{_or_na(s1.learner)} / {_or_na(s1.network)}"],
             ["DPT rounds", str(len(rounds))]]
     source = get_path(cfg, "stage2", "label_source", default="pseudo")
+    threshold = as_number(get_path(cfg, "stage2", "min_confidence", default=0.0)) or 0.0
     if source != "pseudo":                                   # a reference generator, not DPT
         info.append(["stage-2 training labels", LABEL_SOURCES.get(source, str(source))])
+    elif threshold > 0:                                      # confidence-aware conditioning
+        share = step_summary(run.stage("stage2", 1), "conditional_fraction")
+        info.append(["stage-2 training labels", f"pseudo-labels of confidence >= {threshold:g} "
+                     f"({_pct(share)} of the training images; the others train the null class)"])
     out: list[Block] = [("h", 2, "Summary"), ("table", ["run", "value"], info)]
     if not s1:
         out.append(("note", f"Stage 1 not run yet (no stage1/{METRICS})."))

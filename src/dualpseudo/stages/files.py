@@ -349,3 +349,8 @@ def step_record(summary: dict, wall_time_s: float | None = None) -> dict:
 def wall_time_s(stage_dir: Path) -> float | None:
     """The recorded wall time of a finished step, None when it has none."""
     return get_path(read_manifest(stage_dir), "wall_time_s")
+
+
+def step_summary(stage_dir: Path, key: str):
+    """One value of a finished step's recorded summary (e.g. stage 2's `conditional_fraction`); None if absent."""
+    return get_path(read_manifest(stage_dir), "summary", key)
