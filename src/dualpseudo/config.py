@@ -254,7 +254,7 @@ class EvalConfig:
     resize_mode: Literal["tf_legacy", "bilinear_aa"] = "tf_legacy"  # resize to 299 px (evaluate/inception.py)
     inception_precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast of the Inception network
     fid_reference_images: int = 10000                 # real training images for the reference statistics
-    cache_dir: str = setting("~/.cache/dualpseudo", LOCATION)  # FID reference stats, the oracle, encoders (keyed)
+    cache_dir: str = setting("~/.cache/dualpseudo", LOCATION)  # FID stats, oracle, encoders, decoded folders (keyed)
     fid_method: Literal["eigh", "sqrtm"] = "eigh"     # trace of the covariance square root (evaluate/fid.py)
     oracle_network: str = "cnn_small"                # a classifier network, or "none": no oracle metrics
     oracle_iterations: int = 2000
