@@ -80,7 +80,7 @@ class Declaration:
         return {k: hash_or_missing(v) if isinstance(v, Path) else v for k, v in self.inputs(cfg, up).items()}
 
 
-KEY_ROLES = (TRAINING, LENGTH, SAMPLING)        # the roles that enter a stage's keys (not SCHEDULE)
+KEY_ROLES = (TRAINING, LENGTH, SAMPLING, LOCATION)   # the roles that enter a stage's keys (not SCHEDULE)
 
 
 def judged(value):
@@ -88,7 +88,7 @@ def judged(value):
     LOCATION fields at their defaults (a dict), anything else as it is."""
     if not dataclasses.is_dataclass(value):
         return value
-    seen = fields_in_roles(value, *KEY_ROLES, LOCATION)
+    seen = fields_in_roles(value, *KEY_ROLES)
     defaults = {f.name: f.default for f in dataclasses.fields(value) if f.metadata.get("role") == LOCATION}
     return {k: defaults.get(k, v) for k, v in seen.items()}
 
