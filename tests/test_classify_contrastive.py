@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dualpseudo.classify.contrastive import (EncoderFeatures, nt_xent, resized_crop, save_encoder, train_encoder,
-                                             view)
+                                             trunk, view)
 from dualpseudo.classify.linear import cached_features
 from dualpseudo.config import EncoderConfig
 from dualpseudo.data.datasets import make_synthetic
@@ -40,6 +40,14 @@ def test_views_keep_shape_and_range_and_are_seeded():
     assert a.shape == x.shape and torch.equal(a, b) and a.min() >= -1 and a.max() <= 1
     full = resized_crop(x, torch.Generator().manual_seed(0), (1.0, 1.0))   # whole image at aspect ~1: ~identity
     assert (full - x).abs().mean() < 0.35
+
+
+@pytest.mark.parametrize("network, dim", [("cnn_small", 256), ("cnn_medium", 384)])
+def test_trunks_give_pooled_features_of_their_width(network, dim):
+    net, d = trunk(network, 1, 16)
+    assert d == dim and net(torch.rand(3, 1, 16, 16) * 2 - 1).shape == (3, dim)
+    with pytest.raises(ValueError, match=f"{network} needs images of at least 16x16"):
+        trunk(network, 1, 8)
 
 
 def test_encoder_loss_falls(tmp_path):

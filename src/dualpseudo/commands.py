@@ -19,14 +19,10 @@ def sample_grid(run_root: Path, *, per_class: int, out: str | None, guidance_sca
     """`dualpseudo sample`: a grid with one row per class from a run's diffusion model (`api.Generator`)."""
     from .api import load_generator
     from .figures import save_grid
-    from .stages.files import DIFFUSION
     from .stages.pipeline import load_run_config
 
     run = RunDir(run_root)
     cfg = load_run_config(run)
-    path = run.stage("stage2", round) / DIFFUSION
-    if not path.is_file():
-        raise RunDirError(f"{path} does not exist; run `dualpseudo stage2` for this run directory first")
     gen = load_generator(run.root, round, runtime.setup(cfg.runtime))
     rows = len(gen.class_names)
     images = gen.sample(np.repeat(np.arange(rows), per_class).tolist(), seed=seed, guidance_scale=guidance_scale,

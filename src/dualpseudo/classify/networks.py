@@ -1,7 +1,7 @@
 """Classifier networks as a dict of named constructors `(num_classes, in_channels, image_size) -> nn.Module`.
 
 - `cnn_small`: a 4-layer strided CNN (~0.39M parameters) for 28x28 images; fast on CPU, any size >= 16.
-- `cnn_medium`: the same CNN at 1.5 times the width (~0.87M parameters, 384-d features, ~2.1x the compute).
+- `cnn_medium`: the same CNN at 1.5 times the width (~0.87M parameters, 384-d pooled features).
 - `wrn_28_2`: Wide ResNet 28-2 (Zagoruyko & Komodakis, BMVC 2016) as used by FixMatch (Sohn et al., NeurIPS
   2020) and USB: leaky ReLU 0.1, BatchNorm momentum 0.001, for 32x32 images.
 
