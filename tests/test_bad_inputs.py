@@ -4,7 +4,6 @@ Also: an edited labeled-index file re-runs stage 1, and 16-bit, palette and tran
 right values."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -349,17 +348,6 @@ def test_palette_and_transparent_images(tmp_path):
                                                  ("--round", "0", "--round: 0")])
 def test_sample_arguments(tmp_path, capsys, flag, value, needle):
     refused(capsys, ["sample", "--run-dir", str(tmp_path / "run"), flag, value], needle, tmp_path / "run")
-
-
-def test_sample_before_stage2(tmp_path, capsys):
-    run = tmp_path / "run"
-    run.mkdir()
-    shutil.copy(SMOKE, run / "config.yaml")
-    assert main(["sample", "--run-dir", str(run)]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith(f"error: {run / 'stage2' / 'diffusion.safetensors'} does not "
-                                                   f"exist; run `dualpseudo stage2` for {run} first"), err
-    assert sorted(p.name for p in run.iterdir()) == ["config.yaml"]      # nothing written, no grid
 
 
 def test_one_error_line_from_the_command(tmp_path):

@@ -33,7 +33,7 @@ def test_commands_refuse_a_directory_that_is_not_a_run(tmp_path):
 
 
 def test_sample_and_eval_name_the_stage_they_need(configured):
-    with pytest.raises(RunDirError, match="diffusion.safetensors does not exist"):
+    with pytest.raises(ArtifactError, match="diffusion.safetensors does not exist; run `dualpseudo stage2`"):
         commands.sample_grid(configured.root, per_class=1, out=None, guidance_scale=None, steps=None,
                              sampler=None, seed=0)
     with pytest.raises(RunDirError, match="has no pseudo_images.npz; run stage 2 first"):
