@@ -76,9 +76,11 @@ def stage1(args) -> None:
             pls.append(m["pseudo_labels"]["accuracy"])
             times.append(read(d / "stage1" / "manifest.json").get("wall_time_s"))
         rows.append((learner, mean_std(accs), " / ".join(f"{100 * a:.2f}" for a in accs), mean_std(pls),
-                     f"{statistics.median(t for t in times if t) / 60:.1f}", len(accs)))
-    print("\n| learner | test top-1 (%) | per seed | pseudo-label acc. (%) | median wall time (min) | seeds |")
-    print("|---|---|---|---|---|---|")
+                     " / ".join(f"{100 * a:.2f}" for a in pls), f"{statistics.median(t for t in times if t) / 60:.1f}",
+                     len(accs)))
+    print(f"\n| learner | test top-1 (%) | per seed {args.seeds} | pseudo-label (pool) acc. (%) | per seed | "
+          "median wall time (min) | seeds |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         print("| " + " | ".join(str(x) for x in r) + " |")
 
