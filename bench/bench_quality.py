@@ -147,7 +147,8 @@ def dpt(args) -> None:
                "pool1": s1["pseudo_labels"]["accuracy"], "pool3": s3["pseudo_labels"]["accuracy"],
                "fid": ev.get("fid", {}).get("fid"),
                "consistency": (ev.get("class_consistency") or {}).get("accuracy"),
-               "worst1": min(s1["test"]["per_class_accuracy"]), "worst3": min(s3["test"]["per_class_accuracy"])}
+               "worst1": min(s1["test"]["per_class_accuracy"]), "worst3": min(s3["test"]["per_class_accuracy"]),
+               "kept": (s3.get("filter") or {}).get("kept")}
         for name, sets in VARIANTS.items():
             v = Path(f"{d}-{name}")
             _copy_upstream(d, v)
@@ -166,17 +167,21 @@ def dpt(args) -> None:
             ("unweighted", "stage 3, every pseudo-image at full weight"),
             ("probe", "stage 3, linear probe on labeled + pseudo-images"),
             ("extra", "stage 1, stage 3's extra iterations"), ("pool1", "pool acc. stage 1"),
+            ("pool3", "pool acc. stage 3"),
             ("worst1", "worst class stage 1"), ("worst3", "worst class stage 3"),
             ("consistency", "class consistency")]
     for r in rows:
         r["delta"] = r["stage3"] - r["stage1"]
     cols = [(k, t) for k, t in cols if any(k in r for r in rows)]
-    print("\n| seed | " + " | ".join(t for _, t in cols) + " | FID |")
-    print("|---" * (len(cols) + 2) + "|")
+    print("\n| seed | " + " | ".join(t for _, t in cols) + " | pseudo-images the judge kept | FID |")
+    print("|---" * (len(cols) + 3) + "|")
     for r in rows:
         fid = f"{r['fid']:.2f}" if r.get("fid") is not None else "—"
-        print(f"| {r['seed']} | " + " | ".join(_pct(r.get(k)) for k, _ in cols) + f" | {fid} |")
-    print("| mean ± std | " + " | ".join(mean_std([r.get(k) for r in rows]) for k, _ in cols) + " | |")
+        kept = "—" if r["kept"] is None else f"{r['kept']:,}"
+        print(f"| {r['seed']} | " + " | ".join(_pct(r.get(k)) for k, _ in cols) + f" | {kept} | {fid} |")
+    fids = [r["fid"] for r in rows if r.get("fid") is not None]
+    mean_fid = f"{statistics.mean(fids):.2f}" if fids else "—"
+    print("| mean ± std | " + " | ".join(mean_std([r.get(k) for r in rows]) for k, _ in cols) + f" | | {mean_fid} |")
 
 
 def stage3_grid(args) -> None:
