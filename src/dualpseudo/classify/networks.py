@@ -105,24 +105,26 @@ class WideResNet(nn.Module):
         return self.fc(h)
 
 
+def _at_least_16(name: str, image_size: int) -> None:
+    if image_size < 16:
+        raise ValueError(f"{name} needs images of at least 16x16, got {image_size}")
+
+
 def cnn_small(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
     """Small CNN for 28x28 (any side >= 16)."""
-    if image_size < 16:
-        raise ValueError(f"cnn_small needs images of at least 16x16, got {image_size}")
+    _at_least_16("cnn_small", image_size)
     return CNNSmall(num_classes, in_channels)
 
 
 def cnn_medium(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
     """cnn_small at width 48 (features 384-d) for 28x28 (any side >= 16)."""
-    if image_size < 16:
-        raise ValueError(f"cnn_medium needs images of at least 16x16, got {image_size}")
+    _at_least_16("cnn_medium", image_size)
     return CNNSmall(num_classes, in_channels, width=48)
 
 
 def wrn_28_2(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
     """WRN-28-2 (1.5M parameters) for 32x32 images."""
-    if image_size < 16:
-        raise ValueError(f"wrn_28_2 needs images of at least 16x16, got {image_size}")
+    _at_least_16("wrn_28_2", image_size)
     return WideResNet(num_classes, in_channels, depth=28, widen=2)
 
 
