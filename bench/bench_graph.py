@@ -1,0 +1,212 @@
+"""How far can stage 1's label propagation go on the encoder's features? Variants of the graph learner, and the
+features' ceiling with every training label, on finished stage-1 run directories.
+
+    dualpseudo stage1 configs/fashion_mnist.yaml --run-dir runs/bench/dev-l4-s7 --set data.split_seed=7 --set runtime.seed=7
+    python bench/bench_graph.py --runs runs/bench/dev-l4-s7 --ceiling
+
+For each run directory (its labeled split, its self-supervised encoder and its `graph` settings) every training
+image is embedded once and labeled by each variant below; the table gives the accuracy on the unlabeled images
+(pool accuracy, %), the measure the held-out rules judge. Variants:
+
+- `demo`: the run's own settings (reproduces its stage-1 pool accuracy);
+- `k=K`: the same graph with K neighbours per image;
+- `views=flip`, `views=shift`: each image's features averaged over views (with its mirror image; with its four
+  one-pixel shifts) before the graph is built (test-time augmentation of the nodes);
+- `mbo mu=M`: Poisson-MBO (Calder, Cook, Thorpe & Slepcev, ICML 2020, Algorithm 2): Poisson learning, then 20
+  rounds of 40 explicit heat steps (time step 1 / max degree) with the Poisson source weighed by M, each
+  followed by the volume-constrained projection onto one-hot labels (the class-size offsets of `graph.py`);
+- `self-train`: the encoder fine-tuned for `--self-train-steps` AdamW steps (batches of 256, weak augmentation)
+  with a linear head on the graph's labels (Iscen et al., CVPR 2019: each image weighed by 1 - its normalised
+  entropy, each class by the inverse of its size), then the graph again on the fine-tuned features;
+- `ceiling: ...` (with `--ceiling`): the same features with **every** training label, test top-1 of a logistic
+  regression and of a 10-nearest-neighbour vote on the whitened features. A diagnostic of what the features
+  separate, not a learner; the test split chooses nothing here.
+
+Use held-out splits (not the ones a reported table uses): the pool accuracies here judge graph settings. One
+process (no other training beside it).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from dualpseudo.classify import augment, graph  # noqa: E402
+from dualpseudo.classify.contrastive import load_encoder, trunk  # noqa: E402
+from dualpseudo.classify.linear import fit_probe, probe_predict  # noqa: E402
+from dualpseudo.config import load_config  # noqa: E402
+from dualpseudo.data.datasets import load_dataset  # noqa: E402
+from dualpseudo.runtime import autocast  # noqa: E402
+from dualpseudo.stages.files import Split  # noqa: E402
+from dualpseudo.training import to_float  # noqa: E402
+
+
+@torch.inference_mode()
+def embed(net: nn.Module, images: np.ndarray, view=None, batch_size: int = 1024) -> np.ndarray:
+    """uint8 (N, H, W, C) -> (N, D) float32 features of `net` (bf16 autocast), each batch through `view` first."""
+    net.eval()
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = to_float(torch.from_numpy(images[start:start + batch_size]).permute(0, 3, 1, 2))
+        x = (view(x) if view else x).contiguous(memory_format=torch.channels_last)
+        with autocast(x.device, "bf16"):
+            out.append(net(x).float())
+    return torch.cat(out).numpy()
+
+
+class Problem:
+    """One run directory's split and graph settings: `scores(feats)` runs its graph learner on (N, D) features."""
+
+    def __init__(self, run: Path):
+        self.cfg = load_config(run / "config.yaml")
+        self.ds = load_dataset(self.cfg.data)
+        split = Split.read(run / "stage1")
+        if split is None:
+            raise SystemExit(f"error: {run}/stage1/split.json is missing: run `dualpseudo stage1` there first")
+        self.labeled = np.array(sorted(i for v in split.per_class.values() for i in v))
+        self.y, self.C = self.ds.train_labels, self.ds.num_classes
+        self.pool = np.setdiff1d(np.arange(len(self.y)), self.labeled)
+        self.encoder_file = run / "encoder" / "encoder.safetensors"
+
+    def nodes(self, feats: np.ndarray) -> np.ndarray:
+        g = self.cfg.graph
+        if not g.whiten:
+            return feats
+        mean, projection = graph.whitening(feats, g.whiten)
+        return graph.whiten(feats, mean, projection)
+
+    def scores(self, feats: np.ndarray, k: int | None = None) -> torch.Tensor:
+        g = self.cfg.graph
+        return graph.propagate(self.nodes(feats), self.labeled, self.y[self.labeled], self.C, k=k or g.k,
+                               max_iter=g.max_iter, balanced=g.balanced, score_of=self.pool)["scores"]
+
+    def accuracy(self, scores: torch.Tensor) -> float:
+        return float((scores.argmax(1).numpy()[self.pool] == self.y[self.pool]).mean() * 100)
+
+    def trunk(self) -> nn.Module:
+        tensors, meta = load_encoder(self.encoder_file)
+        net, _ = trunk(meta["network"], int(meta["in_channels"]), int(meta["image_size"]))
+        net.load_state_dict(tensors)
+        return net
+
+
+def poisson_mbo(p: Problem, feats: np.ndarray, mu: float, outer: int = 20, inner: int = 40) -> torch.Tensor:
+    """Poisson-MBO labels (N, C) one-hot float64 on the run's graph (see the module docstring)."""
+    x = F.normalize(torch.as_tensor(p.nodes(feats), dtype=torch.float32), dim=1)
+    W = graph.knn_graph(x, p.cfg.graph.k)
+    n = W.shape[0]
+    u, _ = graph.poisson(W, p.labeled, p.y[p.labeled], p.C, p.cfg.graph.max_iter)
+    deg = torch.sparse.mm(W, torch.ones(n, 1, dtype=torch.float64)).squeeze(1)
+    onehot = F.one_hot(torch.as_tensor(p.y[p.labeled]), p.C).double()
+    source = torch.zeros(n, p.C, dtype=torch.float64)
+    source[torch.as_tensor(p.labeled)] = onehot - onehot.mean(0, keepdim=True)
+    target = torch.as_tensor(np.bincount(p.y[p.labeled], minlength=p.C) / len(p.labeled))
+    pool = torch.as_tensor(p.pool)
+    dt = 1.0 / float(deg.max())
+    u = u / u.std()
+    for _ in range(outer):
+        for _ in range(inner):
+            u = u - dt * (deg[:, None] * u - torch.sparse.mm(W, u) - mu * source)
+        u = F.one_hot((u + graph.balance_offsets(u[pool], target)).argmax(1), p.C).double()
+    return u
+
+
+def self_train(p: Problem, scores: torch.Tensor, steps: int, seed: int = 0) -> np.ndarray:
+    """Fine-tune the encoder with a linear head on the graph's labels; return its new features (N, D)."""
+    prob = torch.softmax(scores.double(), 1).float()
+    label = prob.argmax(1).numpy()
+    label[p.labeled] = p.y[p.labeled]
+    certainty = 1 - (-(prob * prob.clamp_min(1e-12).log()).sum(1) / np.log(p.C)).numpy()
+    certainty[p.labeled] = 1.0
+    class_w = len(label) / (p.C * np.bincount(label, minlength=p.C).clip(min=1))
+    weight = torch.as_tensor(certainty * class_w[label], dtype=torch.float32)
+    net = p.trunk()
+    dim = net(torch.zeros(2, p.ds.image_shape[2], *p.ds.image_shape[:2])).shape[1]
+    model = nn.Sequential(net, nn.Linear(dim, p.C)).to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW([{"params": net.parameters(), "lr": 5e-4},
+                             {"params": model[1].parameters(), "lr": 5e-3}], weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[5e-4, 5e-3], total_steps=steps, pct_start=0.05)
+    gen = torch.Generator().manual_seed(seed)
+    images, targets = torch.from_numpy(p.ds.train_images), torch.as_tensor(label)
+    model.train()
+    for _ in range(steps):
+        i = torch.randint(0, len(images), (256,), generator=gen)
+        x = augment.weak(to_float(images[i].permute(0, 3, 1, 2)), gen, p.cfg.data.hflip)
+        with autocast(x.device, "bf16"):
+            logits = model(x).float()
+        loss = (F.cross_entropy(logits, targets[i], reduction="none") * weight[i]).sum() / weight[i].sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    return embed(net, p.ds.train_images)
+
+
+def ceiling(p: Problem, feats: np.ndarray, net: nn.Module) -> dict[str, float]:
+    """Test top-1 (%) with every training label: logistic regression, and a 10-NN vote on whitened features."""
+    test = embed(net, p.ds.test_images)
+    probe = fit_probe(feats, p.y, feats, p.C, p.cfg.linear_probe.l2_strength, max_iter=500,
+                      device=torch.device("cpu"))
+    out = {"ceiling: logistic regression, every label (test top-1)":
+           float((probe_predict(probe, test).argmax(1) == p.ds.test_labels).mean() * 100)}
+    mean, projection = graph.whitening(feats, p.cfg.graph.whiten or feats.shape[1])
+    base = F.normalize(torch.as_tensor(graph.whiten(feats, mean, projection)), dim=1)
+    idx, _ = graph.knn(base, 10, F.normalize(torch.as_tensor(graph.whiten(test, mean, projection)), dim=1))
+    votes = F.one_hot(torch.as_tensor(p.y)[idx], p.C).sum(1).argmax(1).numpy()
+    out["ceiling: 10-NN vote, every label (test top-1)"] = float((votes == p.ds.test_labels).mean() * 100)
+    return out
+
+
+def bench_run(run: Path, args) -> dict[str, float]:
+    p = Problem(run)
+    net = p.trunk()
+    t = time.time()
+    feats = embed(net, p.ds.train_images)
+    acc: dict[str, float] = {}
+    base = p.scores(feats)
+    acc["demo"] = p.accuracy(base)
+    for k in args.k:
+        acc[f"k={k}"] = p.accuracy(p.scores(feats, k))
+    views = {"flip": [lambda x: x.flip(3)],
+             "shift": [lambda x, s=s: torch.roll(x, s, (2, 3)) for s in ((1, 0), (-1, 0), (0, 1), (0, -1))]}
+    for name in args.views:
+        stack = [feats] + [embed(net, p.ds.train_images, v) for v in views[name]]
+        acc[f"views={name}"] = p.accuracy(p.scores(np.mean(stack, 0)))
+    for mu in args.mbo:
+        acc[f"mbo mu={mu:g}"] = p.accuracy(poisson_mbo(p, feats, mu))
+    if args.self_train_steps:
+        acc["self-train"] = p.accuracy(p.scores(self_train(p, base, args.self_train_steps)))
+    if args.ceiling:
+        acc |= ceiling(p, feats, net)
+    print(f"{run.name}: {time.time() - t:.0f} s", file=sys.stderr)
+    return acc
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--runs", nargs="+", required=True, help="run directories with stage 1 done (label propagation)")
+    p.add_argument("--k", type=int, nargs="*", default=[5, 15, 20, 30])
+    p.add_argument("--views", nargs="*", default=["flip", "shift"], choices=["flip", "shift"])
+    p.add_argument("--mbo", type=float, nargs="*", default=[1.0, 100.0], help="Poisson-MBO source weights")
+    p.add_argument("--self-train-steps", type=int, default=1000, help="0: leave the self-training variant out")
+    p.add_argument("--ceiling", action="store_true", help="add the every-label test top-1 rows")
+    args = p.parse_args()
+    torch.manual_seed(0)
+    results = [bench_run(Path(r), args) for r in args.runs]
+    names = list(results[0])
+    print(f"\n| variant | pool accuracy (%) {' / '.join(Path(r).name for r in args.runs)} | mean |")
+    print("|---|---|---|")
+    for n in names:
+        print(f"| {n} | {' / '.join(f'{r[n]:.2f}' for r in results)} | {np.mean([r[n] for r in results]):.2f} |")
+
+
+if __name__ == "__main__":
+    main()
