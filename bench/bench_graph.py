@@ -1,7 +1,8 @@
 """How far can stage 1's label propagation go on the encoder's features? Variants of the graph learner, and the
 features' ceiling with every training label, on finished stage-1 run directories.
 
-    dualpseudo stage1 configs/fashion_mnist.yaml --run-dir runs/bench/dev-l4-s7 --set data.split_seed=7 --set runtime.seed=7
+    dualpseudo stage1 configs/fashion_mnist.yaml --run-dir runs/bench/dev-l4-s7 --set data.split_seed=7 --set runtime.seed=7 \
+        --set encoder.crop_min=0.3 --set encoder.cutout=0.25   # BENCHMARKS.md's table: the former views
     python bench/bench_graph.py --runs runs/bench/dev-l4-s7 --ceiling
 
 For each run directory (its labeled split, its self-supervised encoder and its `graph` settings) every training
