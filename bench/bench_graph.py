@@ -41,7 +41,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from dualpseudo.classify import augment, graph  # noqa: E402
-from dualpseudo.classify.contrastive import load_encoder, trunk  # noqa: E402
+from dualpseudo.classify.contrastive import EncoderFeatures  # noqa: E402
 from dualpseudo.classify.linear import fit_probe, probe_predict  # noqa: E402
 from dualpseudo.config import load_config  # noqa: E402
 from dualpseudo.data.datasets import load_dataset  # noqa: E402
@@ -93,10 +93,8 @@ class Problem:
         return float((scores.argmax(1).numpy()[self.pool] == self.y[self.pool]).mean() * 100)
 
     def trunk(self) -> nn.Module:
-        tensors, meta = load_encoder(self.encoder_file)
-        net, _ = trunk(meta["network"], int(meta["in_channels"]), int(meta["image_size"]))
-        net.load_state_dict(tensors)
-        return net
+        """A fresh copy of the run's encoder trunk (its loader's checks and messages)."""
+        return EncoderFeatures(self.encoder_file).net
 
 
 def poisson_mbo(p: Problem, feats: np.ndarray, mu: float, outer: int = 20, inner: int = 40) -> torch.Tensor:
@@ -129,9 +127,9 @@ def self_train(p: Problem, scores: torch.Tensor, steps: int, seed: int = 0) -> n
     certainty[p.labeled] = 1.0
     class_w = len(label) / (p.C * np.bincount(label, minlength=p.C).clip(min=1))
     weight = torch.as_tensor(certainty * class_w[label], dtype=torch.float32)
-    net = p.trunk()
-    dim = net(torch.zeros(2, p.ds.image_shape[2], *p.ds.image_shape[:2])).shape[1]
-    model = nn.Sequential(net, nn.Linear(dim, p.C)).to(memory_format=torch.channels_last)
+    encoder = EncoderFeatures(p.encoder_file)
+    net = encoder.net
+    model = nn.Sequential(net, nn.Linear(int(encoder.meta["feature_dim"]), p.C)).to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW([{"params": net.parameters(), "lr": 5e-4},
                              {"params": model[1].parameters(), "lr": 5e-3}], weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[5e-4, 5e-3], total_steps=steps, pct_start=0.05)
