@@ -25,7 +25,7 @@ from dualpseudo.classify.networks import build_network
 from dualpseudo.classify.train import train_classifier
 from dualpseudo.config import Stage1Config
 from dualpseudo.distributed import LOCAL
-from dualpseudo.runtime import autocast
+from dualpseudo.runtime import autocast, resolve_precision
 
 
 def bare_step_seconds(network: str, n_images: int, precision: str, repeats: int) -> float:
@@ -73,11 +73,13 @@ def ssl_step_seconds(learner: str, network: str, precision: str, steps: int, win
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--network", default="cnn_small")
-    parser.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                        help="auto: bf16 where this CPU runs it natively, else fp32 (runtime.resolve_precision)")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--window", type=int, default=10)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
+    args.precision = resolve_precision(args.precision, torch.device("cpu"))
     if args.threads > 0:
         torch.set_num_threads(args.threads)
 

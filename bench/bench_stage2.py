@@ -25,7 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from dualpseudo.diffuse.edm import EDMLoss, EDMPrecond
 from dualpseudo.diffuse.generate import generate
 from dualpseudo.diffuse.train import build_model
-from dualpseudo.runtime import autocast
+from dualpseudo.runtime import autocast, resolve_precision
 
 
 def median_time(fn, reps: int, warmup: int = 2) -> float:
@@ -86,11 +86,13 @@ def train_step_fn(model: EDMPrecond, batch: int, precision: str):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                    help="auto: bf16 where this CPU runs it natively, else fp32 (runtime.resolve_precision)")
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--sample-images", type=int, default=32)
     ap.add_argument("--sample-reps", type=int, default=3)
     args = ap.parse_args()
+    args.precision = resolve_precision(args.precision, torch.device("cpu"))
     torch.manual_seed(0)
     rows = []
 

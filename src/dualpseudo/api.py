@@ -119,12 +119,14 @@ def _encoder_features(root: Path, meta: dict, precision: str):
     return build_encoder(meta["encoder"], meta.get("encoder_path"), precision)
 
 
-def _run_precision(root: Path) -> str:
-    """The run's `runtime.precision` (its stages computed with it), fp32 without a config."""
+def _run_precision(root: Path, device: torch.device) -> str:
+    """The run's `runtime.precision` (its stages computed with it; `auto` resolved for `device`), fp32 without a
+    config."""
     from .config import load_config
+    from .runtime import resolve_precision
 
     config = RunDir(root).config
-    return load_config(config).runtime.precision if config.is_file() else "fp32"
+    return resolve_precision(load_config(config).runtime.precision, device) if config.is_file() else "fp32"
 
 
 def load_classifier(run_dir: str | Path, stage: int = 3, device: str | torch.device = "cpu",
@@ -138,7 +140,7 @@ def load_classifier(run_dir: str | Path, stage: int = 3, device: str | torch.dev
     path = _stage_dir(root, stage) / CLASSIFIER
     key = _meta_key(path)
     device = torch.device(device)
-    precision = _run_precision(root)
+    precision = _run_precision(root, device)
 
     def feats(encoder, images: np.ndarray) -> np.ndarray:
         return extract_features(encoder, images, batch_size=batch_size, device=device, progress=False)
@@ -235,7 +237,7 @@ def load_generator(run_dir: str | Path, round: int = 1, device: str | torch.devi
     s2 = load_config(config).stage2 if config.is_file() else None
     defaults = {"sampler": s2.sampler if s2 else "dpmpp_2m", "steps": s2.steps if s2 else 20,
                 "guidance_scale": s2.guidance_scale if s2 else 1.0,
-                "batch_size": s2.sample_batch_size if s2 else 250, "precision": _run_precision(root)}
+                "batch_size": s2.sample_batch_size if s2 else 250, "precision": _run_precision(root, device)}
     decode = None
     if "latent" in meta:
         from .diffuse.latent import load_latent_decoder

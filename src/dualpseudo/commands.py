@@ -48,7 +48,7 @@ def evaluate_run(run_root: Path, overrides: list[str]) -> int:
     old_schema = check_schema(run)
     lock(run.root)
     if overrides:
-        cfg = load_config(run.config, overrides)
+        cfg = runtime.resolve_config(load_config(run.config, overrides))
     ds = load_dataset(cfg.data, cfg.evaluation.cache_dir)
     device = runtime.setup(cfg.runtime)
     steps = build_steps(cfg, run, ds, ALL_STAGES, device)

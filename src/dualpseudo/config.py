@@ -266,7 +266,8 @@ class EvalConfig:
 @dataclass(frozen=True)
 class RuntimeConfig:
     device: str = "cpu"                               # cpu | cuda | cuda:N | auto
-    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"   # auto: bf16 where the device runs it natively
+                                                    # (CUDA with bf16, AVX-512/AMX CPUs), else fp32 (runtime.py)
     threads: int = 0                                  # 0: leave torch's default
     seed: int = 0
     compile: bool = added_later(False)                # torch.compile the stage-2 training forward (GPU; slow start)

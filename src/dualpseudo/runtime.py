@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import random
+import sys
 
 import numpy as np
 import torch
 
-from .config import ConfigError, RuntimeConfig
+from .config import ConfigError, ExperimentConfig, RuntimeConfig
 
 
 def resolve_device(name: str) -> torch.device:
@@ -28,6 +30,52 @@ def resolve_device(name: str) -> torch.device:
             raise ConfigError(f"runtime.device={name!r} but only {torch.cuda.device_count()} CUDA device(s) "
                               f"are visible (cuda:0..cuda:{torch.cuda.device_count() - 1})")
     return dev
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` runs bf16 matmuls and convolutions in hardware: a CUDA device with bf16, or a CPU that
+    oneDNN runs bf16 on (AVX-512 or AMX). Elsewhere bf16 autocast is emulated: 8.5 times slower than fp32 on an
+    AVX2 CPU (BENCHMARKS.md, "Precision on CPUs without native bf16")."""
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type != "cpu":
+        return False
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    try:
+        return bool(check()) if check is not None else False
+    except RuntimeError:                                  # a torch built without oneDNN
+        return False
+
+
+_warned: set[str] = set()
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`auto`: bf16 where `device` runs it natively, else fp32. An explicit bf16 on a CPU that emulates it is
+    kept (a run may need to match one made elsewhere) with one warning on stderr, since it is several times
+    slower there."""
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    if precision == "bf16" and device.type == "cpu" and not native_bf16(device) and "bf16" not in _warned:
+        _warned.add("bf16")
+        print("warning: runtime.precision=bf16 on a CPU without native bf16 (no AVX-512 or AMX): autocast is "
+              "emulated and several times slower than fp32; runtime.precision=auto picks fp32 here",
+              file=sys.stderr, flush=True)
+    return precision
+
+
+def resolve_config(cfg: ExperimentConfig) -> ExperimentConfig:
+    """`cfg` with `runtime.precision` resolved for this machine's device (`auto` -> bf16 or fp32), so the run
+    directory's config, stage hashes and cache keys hold the precision the stages compute in. Unchanged when the
+    device is absent (the run stops on it later; `--dry-run` lists it)."""
+    try:
+        device = resolve_device(cfg.runtime.device)
+    except ConfigError:
+        return cfg
+    precision = resolve_precision(cfg.runtime.precision, device)
+    if precision == cfg.runtime.precision:
+        return cfg
+    return dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, precision=precision))
 
 
 def setup(rt: RuntimeConfig) -> torch.device:
@@ -52,8 +100,11 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def autocast(device: torch.device, precision: str):
-    """A context that runs matmuls/convs in bf16/fp16 when asked; a no-op for fp32."""
+    """A context that runs matmuls/convs in bf16/fp16 when asked; a no-op for fp32. `auto` is resolved first
+    (`resolve_precision`), so it is not a value here."""
     if precision == "fp32":
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    if precision not in dtypes:
+        raise ValueError(f"autocast: precision {precision!r} is not fp32, bf16 or fp16 (resolve `auto` first)")
+    return torch.autocast(device_type=device.type, dtype=dtypes[precision])

@@ -153,7 +153,7 @@ def load_run_config(run: RunDir) -> ExperimentConfig:
 def main(config_path: str, overrides: list[str], run_root: Path, stages: tuple[str, ...] = ALL_STAGES,
          force: bool = False, dry_run: bool = False) -> int:
     """`dualpseudo run|stage1|stage2|stage3`: returns the process exit code."""
-    cfg = load_config(config_path, overrides)
+    cfg = runtime.resolve_config(load_config(config_path, overrides))   # precision `auto` -> bf16 or fp32 here
     run = RunDir(run_root)
     check_run_dir(cfg, run, force)
     old_schema = check_schema(run, force)
