@@ -35,6 +35,8 @@ def test_smoke_run_writes_every_artifact(smoke_run):
               "stage3/classifier.safetensors", "stage3/metrics.json", "stage3/manifest.json",
               "evaluation/metrics.json"]:
         assert (run / f).is_file(), f
+    env = read_json(run / "env.json")
+    assert env["device"] == "cpu" and isinstance(env["native_bf16"], bool) and env["cpu_capability"]
     split = read_json(run / "stage1/split.json")
     assert split["num_labeled"] == 8 and all(len(v) == 2 for v in split["per_class"].values())
     pl = load_npz(run / "stage1/pseudo_labels.npz", ("label", "confidence", "is_labeled"))

@@ -132,11 +132,16 @@ def _diff(old: dict, new: dict, prefix: str = "") -> set[str]:
     return out
 
 
-def _write_env(run: RunDir, device: str) -> None:
+def _write_env(run: RunDir, device, world: World) -> None:
+    """env.json: versions, platform, device, the CPU's vector capability and native bf16 (what `precision: auto`
+    resolved by), threads and the command."""
     import torch
 
     write_json(run.env, {"dualpseudo": __version__, "python": platform.python_version(), "torch": torch.__version__,
-                         "numpy": np.__version__, "platform": platform.platform(), "device": device,
+                         "numpy": np.__version__, "platform": platform.platform(),
+                         "device": f"{device} x {world.size} processes" if world.distributed else str(device),
+                         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                         "native_bf16": runtime.native_bf16(torch.device(device)),
                          "threads": torch.get_num_threads(), "command": sys.argv})
 
 
@@ -204,7 +209,7 @@ def _execute(s: Step, run: RunDir, world: World, device, say: Callable[[str], No
         return
     say(f"[{s.name}] running ({why})")
     if world.is_main:
-        _write_env(run, f"{device} x {world.size} processes" if world.distributed else str(device))
+        _write_env(run, device, world)
         s.dir.mkdir(parents=True, exist_ok=True)
         if s.resumable and reset_if_stale(s.dir, {"config": s.config_hash, "inputs": inputs}, s.resumable):
             say(f"[{s.name}] dropped a training state made with other settings")
