@@ -75,3 +75,16 @@ def test_the_run_records_the_resolved_precision(bf16_cpu, native, expected, tmp_
     out = capsys.readouterr().out
     assert f"precision: {expected}" in out and "precision: auto" not in out
     assert "precision: auto" in to_yaml(load_config(ROOT / "configs" / "fashion_mnist.yaml"))
+
+
+def test_a_run_says_and_records_what_auto_resolved_to(bf16_cpu, tmp_path, capsys):
+    """Stage 1 of the smoke config with precision auto on a CPU without native bf16: one line says fp32, and the
+    run directory's config holds fp32 (what the stage hashes and the encoder cache key see)."""
+    from conftest import SMOKE
+
+    bf16_cpu(False)
+    run = tmp_path / "run"
+    assert main(["stage1", SMOKE, "--run-dir", str(run), "--set", "runtime.precision=auto",
+                 "--set", f"evaluation.cache_dir={tmp_path / 'cache'}"]) == 0
+    assert "runtime.precision: auto -> fp32 (no native bf16 on cpu)" in capsys.readouterr().out
+    assert load_config(run / "config.yaml").runtime.precision == "fp32"

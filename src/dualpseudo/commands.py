@@ -47,8 +47,7 @@ def evaluate_run(run_root: Path, overrides: list[str]) -> int:
     cfg = load_run_config(run)
     old_schema = check_schema(run)
     lock(run.root)
-    if overrides:
-        cfg = runtime.resolve_config(load_config(run.config, overrides))
+    cfg = runtime.resolve_config(load_config(run.config, overrides) if overrides else cfg)   # a hand-set `auto`
     ds = load_dataset(cfg.data, cfg.evaluation.cache_dir)
     device = runtime.setup(cfg.runtime)
     steps = build_steps(cfg, run, ds, ALL_STAGES, device)

@@ -158,7 +158,8 @@ def load_run_config(run: RunDir) -> ExperimentConfig:
 def main(config_path: str, overrides: list[str], run_root: Path, stages: tuple[str, ...] = ALL_STAGES,
          force: bool = False, dry_run: bool = False) -> int:
     """`dualpseudo run|stage1|stage2|stage3`: returns the process exit code."""
-    cfg = runtime.resolve_config(load_config(config_path, overrides))   # precision `auto` -> bf16 or fp32 here
+    asked = load_config(config_path, overrides)
+    cfg = runtime.resolve_config(asked)                 # precision `auto` -> bf16 or fp32 on this machine
     run = RunDir(run_root)
     check_run_dir(cfg, run, force)
     old_schema = check_schema(run, force)
@@ -175,6 +176,9 @@ def main(config_path: str, overrides: list[str], run_root: Path, stages: tuple[s
     locked = _lock(run, world)                          # one run per directory, held until the command ends
     steps = build_steps(cfg, run, ds, stages, device, world)
     say = (lambda msg: print(msg, flush=True)) if world.is_main else (lambda msg: None)
+    if asked.runtime.precision != cfg.runtime.precision:
+        say(f"runtime.precision: {asked.runtime.precision} -> {cfg.runtime.precision} "
+            f"({'native' if runtime.native_bf16(device) else 'no native'} bf16 on {device})")
     if world.is_main:
         _prepare(run, cfg, locked)
         if old_schema:
