@@ -24,9 +24,10 @@ import torch.nn.functional as F
 
 from dualpseudo.classify.contrastive import ContrastiveModel, nt_xent
 from dualpseudo.classify.networks import build_network
-from dualpseudo.diffuse.edm import EDMLoss
 from dualpseudo.diffuse.train import build_model
 from dualpseudo.runtime import autocast, native_bf16, resolve_precision
+
+from bench_stage2 import train_step_fn   # the stage-2 training step bench_stage2.py times (bench/ is on the path)
 
 PRECISIONS = ("fp32", "bf16")
 CPU = torch.device("cpu")
@@ -56,19 +57,7 @@ def stage1_step(precision: str):
 
 
 def stage2_step(precision: str, batch: int):
-    model = build_model("unet_small", 1, 28, 10, 0.5).train()   # as bench_stage2.py
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    loss_fn = EDMLoss()
-    x = (torch.rand(batch, 1, 28, 28) * 2 - 1).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 11, (batch,))
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        with autocast(CPU, precision):
-            loss = loss_fn(model, x, y).mean()
-        loss.backward()
-        opt.step()
-    return step
+    return train_step_fn(build_model("unet_small", 1, 28, 10, 0.5).train(), batch, precision)   # as bench_stage2.py
 
 
 def matmul(precision: str):
