@@ -51,16 +51,34 @@ from dualpseudo.training import to_float  # noqa: E402
 
 
 @torch.inference_mode()
-def embed(net: nn.Module, images: np.ndarray, view=None, batch_size: int = 1024) -> np.ndarray:
-    """uint8 (N, H, W, C) -> (N, D) float32 features of `net` (bf16 autocast), each batch through `view` first."""
+def embed(net: nn.Module, images: np.ndarray, view=None, precision: str = "fp32", pool=None,
+          batch_size: int = 1024) -> np.ndarray:
+    """uint8 (N, H, W, C) -> (N, D) float32 features of `net`, each batch through `view` first.
+
+    `pool` (net, x) -> features replaces `net(x)` (the trunk's globally pooled features)."""
     net.eval()
     out = []
     for start in range(0, len(images), batch_size):
         x = to_float(torch.from_numpy(images[start:start + batch_size]).permute(0, 3, 1, 2))
         x = (view(x) if view else x).contiguous(memory_format=torch.channels_last)
-        with autocast(x.device, "bf16"):
-            out.append(net(x).float())
+        with autocast(x.device, precision):
+            out.append((pool(net, x) if pool else net(x)).float())
     return torch.cat(out).numpy()
+
+
+def _layers34(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    h3 = net.features[:9](x)                                    # after the third conv-BN-ReLU
+    h4 = net.features[9:](h3)
+    return torch.cat([F.adaptive_avg_pool2d(h3, 1).flatten(1), F.adaptive_avg_pool2d(h4, 1).flatten(1)], 1)
+
+
+# Other readings of the trunk (`CNNSmall.features`: four conv-BN-ReLU layers of three modules each).
+POOLS = {
+    # the last map (4x4 for 28x28 images) averaged to 2x2 instead of 1x1: where on the garment a feature is
+    "2x2": lambda net, x: F.adaptive_avg_pool2d(net.features(x), 2).flatten(1),
+    # the third layer's globally pooled map beside the fourth's: finer, less invariant features
+    "l3+l4": _layers34,
+}
 
 
 class Problem:
@@ -84,10 +102,17 @@ class Problem:
         mean, projection = graph.whitening(feats, g.whiten)
         return graph.whiten(feats, mean, projection)
 
-    def scores(self, feats: np.ndarray, k: int | None = None) -> torch.Tensor:
+    def scores(self, feats: np.ndarray, k: int | None = None, extra: tuple[np.ndarray, np.ndarray] | None = None
+               ) -> torch.Tensor:
+        """Scores (N, C); `extra` = (features (M, D), labels (M,)) of more labeled nodes, appended to the graph."""
         g = self.cfg.graph
-        return graph.propagate(self.nodes(feats), self.labeled, self.y[self.labeled], self.C, k=k or g.k,
-                               max_iter=g.max_iter, balanced=g.balanced, score_of=self.pool)["scores"]
+        labeled, labels = self.labeled, self.y[self.labeled]
+        if extra is not None:
+            labeled = np.concatenate([labeled, len(feats) + np.arange(len(extra[0]))])
+            labels = np.concatenate([labels, extra[1]])
+            feats = np.concatenate([feats, extra[0]])
+        return graph.propagate(self.nodes(feats), labeled, labels, self.C, k=k or g.k, max_iter=g.max_iter,
+                               balanced=g.balanced, score_of=self.pool)["scores"][:len(self.y)]
 
     def accuracy(self, scores: torch.Tensor) -> float:
         return float((scores.argmax(1).numpy()[self.pool] == self.y[self.pool]).mean() * 100)
@@ -139,19 +164,19 @@ def self_train(p: Problem, scores: torch.Tensor, steps: int, seed: int = 0) -> n
     for _ in range(steps):
         i = torch.randint(0, len(images), (256,), generator=gen)
         x = augment.weak(to_float(images[i].permute(0, 3, 1, 2)), gen, p.cfg.data.hflip)
-        with autocast(x.device, "bf16"):
+        with autocast(x.device, p.cfg.runtime.precision):
             logits = model(x).float()
         loss = (F.cross_entropy(logits, targets[i], reduction="none") * weight[i]).sum() / weight[i].sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
-    return embed(net, p.ds.train_images)
+    return embed(net, p.ds.train_images, precision=p.cfg.runtime.precision)
 
 
 def ceiling(p: Problem, feats: np.ndarray, net: nn.Module) -> dict[str, float]:
     """Test top-1 (%) with every training label: logistic regression, and a 10-NN vote on whitened features."""
-    test = embed(net, p.ds.test_images)
+    test = embed(net, p.ds.test_images, precision=p.cfg.runtime.precision)
     probe = fit_probe(feats, p.y, feats, p.C, p.cfg.linear_probe.l2_strength, max_iter=500,
                       device=torch.device("cpu"))
     out = {"ceiling: logistic regression, every label (test top-1)":
@@ -168,7 +193,8 @@ def bench_run(run: Path, args) -> dict[str, float]:
     p = Problem(run)
     net = p.trunk()
     t = time.time()
-    feats = embed(net, p.ds.train_images)
+    precision = p.cfg.runtime.precision
+    feats = embed(net, p.ds.train_images, precision=precision)
     acc: dict[str, float] = {}
     base = p.scores(feats)
     acc["demo"] = p.accuracy(base)
@@ -177,8 +203,17 @@ def bench_run(run: Path, args) -> dict[str, float]:
     views = {"flip": [lambda x: x.flip(3)],
              "shift": [lambda x, s=s: torch.roll(x, s, (2, 3)) for s in ((1, 0), (-1, 0), (0, 1), (0, -1))]}
     for name in args.views:
-        stack = [feats] + [embed(net, p.ds.train_images, v) for v in views[name]]
+        stack = [feats] + [embed(net, p.ds.train_images, v, precision) for v in views[name]]
         acc[f"views={name}"] = p.accuracy(p.scores(np.mean(stack, 0)))
+    for name in args.feats:
+        acc[f"feats={name}"] = p.accuracy(p.scores(embed(net, p.ds.train_images, precision=precision,
+                                                         pool=POOLS[name])))
+    if args.labeled_views:
+        gen = torch.Generator().manual_seed(0)
+        images = np.repeat(p.ds.train_images[p.labeled], args.labeled_views, 0)
+        extra = embed(net, images, lambda x: augment.weak(x, gen, p.cfg.data.hflip), precision)
+        acc[f"labeled views={args.labeled_views}"] = p.accuracy(
+            p.scores(feats, extra=(extra, np.repeat(p.y[p.labeled], args.labeled_views))))
     for mu in args.mbo:
         acc[f"mbo mu={mu:g}"] = p.accuracy(poisson_mbo(p, feats, mu))
     if args.self_train_steps:
@@ -194,6 +229,9 @@ def main() -> None:
     p.add_argument("--runs", nargs="+", required=True, help="run directories with stage 1 done (label propagation)")
     p.add_argument("--k", type=int, nargs="*", default=[5, 15, 20, 30])
     p.add_argument("--views", nargs="*", default=["flip", "shift"], choices=["flip", "shift"])
+    p.add_argument("--feats", nargs="*", default=["2x2", "l3+l4"], choices=list(POOLS))
+    p.add_argument("--labeled-views", type=int, default=16,
+                   help="add this many weakly augmented copies of each labeled image as labeled nodes (0: off)")
     p.add_argument("--mbo", type=float, nargs="*", default=[1.0, 100.0], help="Poisson-MBO source weights")
     p.add_argument("--self-train-steps", type=int, default=1000, help="0: leave the self-training variant out")
     p.add_argument("--ceiling", action="store_true", help="add the every-label test top-1 rows")
