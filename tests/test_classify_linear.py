@@ -8,8 +8,9 @@ import torch
 import yaml
 
 from dualpseudo.artifacts import load_npz, read_json
-from dualpseudo.classify.linear import (PixelFeatures, build_encoder, cached_features, fit_logistic, fit_probe,
-                                        load_probe, logistic_objective, normalise, probe_predict, save_probe)
+from dualpseudo.classify.linear import (MirrorAveraged, PixelFeatures, build_encoder, cached_features, fit_logistic,
+                                        fit_probe, load_probe, logistic_objective, normalise, probe_predict,
+                                        save_probe)
 from dualpseudo.cli import main
 from dualpseudo.config import load_config, to_dict
 from dualpseudo.rundir import RunDir
@@ -118,6 +119,18 @@ def test_feature_cache_resumes_only_missing_or_stale_shards(tmp_path):
     cached_features(enc, changed, tmp_path, **{**kw, "extractor_id": "other"})
     assert enc.seen == 50, "another encoder never reads these shards"
     assert str(load_npz(tmp_path / "shard_00000.npz")["key"]).startswith("other|")
+
+
+def test_mirror_averaged_features_are_the_mean_over_the_image_and_its_mirror():
+    rng = np.random.default_rng(0)
+    images = torch.from_numpy(rng.integers(0, 256, (3, 5, 4, 2), dtype=np.uint8))      # (N, H, W, C), W = 4
+    mirror = MirrorAveraged(PixelFeatures())
+    assert mirror.extractor_id == "pixels:mirror"           # its cached features never mix with the plain ones
+    pix = PixelFeatures()(images).reshape(3, 5, 4, 2)
+    want = 0.5 * (pix + pix.flip(2))                        # flipped along the width, not the height or channels
+    assert torch.allclose(mirror(images), want.reshape(3, -1))
+    assert torch.equal(mirror(images), mirror(images.flip(2)))
+    assert not torch.allclose(mirror(images), mirror(images.flip(1)))
 
 
 def test_torchscript_encoder_and_missing_file_error(tmp_path):

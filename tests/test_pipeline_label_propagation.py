@@ -203,6 +203,29 @@ def test_whitened_graph_labels_through_stage1_and_the_api(graph_run):
     assert top1 == pytest.approx(m["test"]["top1"], abs=1.01 / 64)    # new images go through the same whitening
 
 
+def test_mirror_averaged_graph_features_through_stage1_and_the_api(graph_run):
+    import dualpseudo
+    from dualpseudo.data.datasets import make_synthetic
+    run, base = graph_run
+    other = base / "mirror"
+    assert main(["stage1", SMOKE_GRAPH, "--run-dir", str(other), "--set", "linear_probe.mirror=true",
+                 "--set", f"evaluation.cache_dir={base / 'cache'}"]) == 0
+    m = read_json(other / "stage1/metrics.json")
+    assert m["graph"]["mirror"] is True and m["graph"]["extractor_id"].endswith(":mirror")
+    assert "mirror" not in read_json(run / "stage1/metrics.json")["graph"]
+    # the same encoder (shared cache), other node features: the labels differ from the plain graph's
+    pl0 = load_npz(run / "stage1/pseudo_labels.npz", ("confidence",))["confidence"]
+    pl1 = load_npz(other / "stage1/pseudo_labels.npz", ("confidence",))["confidence"]
+    assert not np.allclose(pl0, pl1)
+    ds = make_synthetic(4, 48, 16, size=16, seed=0)
+    clf = dualpseudo.load_classifier(other, stage=1)
+    assert float((clf.predict(ds.test_images) == ds.test_labels).mean()) == pytest.approx(m["test"]["top1"],
+                                                                                          abs=1.01 / 64)
+    # new images go through the same averaging: an image and its mirror image get the same answer
+    np.testing.assert_allclose(clf.predict_proba(ds.test_images), clf.predict_proba(ds.test_images[:, :, ::-1]),
+                               atol=1e-5)
+
+
 def test_an_encoder_cached_under_its_schema_1_key_is_reused(graph_run, tmp_path, capsys):
     import shutil
     from dualpseudo.config import load_config

@@ -112,11 +112,14 @@ def _stage_dir(root: Path, stage: int) -> Path:
 
 
 def _encoder_features(root: Path, meta: dict, precision: str):
+    """The feature module a classifier file's `meta` was fitted on (mirror-averaged where it says so)."""
+    from .classify.linear import MirrorAveraged, build_encoder
     if meta.get("encoder") == "ssl":
         from .classify.contrastive import EncoderFeatures
-        return EncoderFeatures(RunDir(root).encoder / ENCODER, precision)
-    from .classify.linear import build_encoder
-    return build_encoder(meta["encoder"], meta.get("encoder_path"), precision)
+        encoder = EncoderFeatures(RunDir(root).encoder / ENCODER, precision)
+    else:
+        encoder = build_encoder(meta["encoder"], meta.get("encoder_path"), precision)
+    return MirrorAveraged(encoder) if meta.get("mirror") else encoder
 
 
 def _run_precision(root: Path, device: torch.device) -> str:

@@ -177,12 +177,14 @@ class LinearProbeConfig:
     """Frozen encoder + L2 logistic regression (the paper's ImageNet learner; classify/linear.py).
 
     Used when stage1.learner or stage3.mode is `linear-probe`; ignored (and left out of stage hashes) otherwise.
+    `encoder` and `mirror` also choose the features of the label-propagation graph and of stage 3's judge.
     """
 
     encoder: Literal["pixels", "inception", "torchscript", "ssl"] = "inception"  # ssl: the `encoder` section's
     encoder_path: str | None = None                   # torchscript: the file; inception: None = fid-helper's copy
     l2_strength: float = 0.0025                       # lambda of (1/N)[sum CE + lambda/2 ||W||^2] ("0.0025/N")
     max_iter: int = 1000                              # L-BFGS iterations (full batch, float64)
+    mirror: bool = added_later(False)                 # average each image's features with its mirror image's
     shard_size: int = 10000                           # images per cached feature shard
     batch_size: int = 256                             # images per encoder forward pass
 

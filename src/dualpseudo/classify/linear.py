@@ -98,6 +98,22 @@ def build_encoder(encoder: str, encoder_path: str | None = None, precision: str 
     raise ValueError(f"linear_probe.encoder={encoder!r} is not one of {list(ENCODERS)}")
 
 
+class MirrorAveraged(nn.Module):
+    """A feature module's features averaged over each image and its mirror image (left-right flip):
+    uint8 (N, H, W, C) -> (N, D). Its `extractor_id` says so, so cached features of the two never mix.
+
+    Test-time augmentation of a frozen encoder that was not trained to be mirror-invariant (`linear_probe.mirror`):
+    the features keep what the encoder learned about orientation, and a mirrored image gets the same node."""
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+        self.extractor_id = f"{encoder.extractor_id}:mirror"
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return 0.5 * (self.encoder(images) + self.encoder(images.flip(2)))
+
+
 # ---------------------------------------------------------------------------------------------- feature cache
 def _load_shard(path: Path, key: str, rows: int) -> np.ndarray | None:
     """The shard's features when the file is readable, made by `key`, and has `rows` rows; else None."""

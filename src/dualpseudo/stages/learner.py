@@ -24,7 +24,8 @@ import torch
 
 from ..artifacts import concerning, save_weights
 from ..classify import graph
-from ..classify.linear import build_encoder, cached_features, fit_objective, fit_probe, probe_predict, save_probe
+from ..classify.linear import (MirrorAveraged, build_encoder, cached_features, fit_objective, fit_probe, probe_predict,
+                               save_probe)
 from ..classify.train import predict, save_classifier, train_classifier
 from ..config import ExperimentConfig
 from ..distributed import World
@@ -128,6 +129,8 @@ def _feature_fn(cfg: ExperimentConfig, device: torch.device, out: Path, feature_
         encoder = EncoderFeatures(encoder_file, cfg.runtime.precision)
     else:
         encoder = build_encoder(lp.encoder, lp.encoder_path, cfg.runtime.precision)
+    if lp.mirror:
+        encoder = MirrorAveraged(encoder)
 
     def features(images: np.ndarray, name: str) -> np.ndarray:
         cache = (out / "features" if name in ("pseudo", "judged") else feature_cache) / name
@@ -135,7 +138,8 @@ def _feature_fn(cfg: ExperimentConfig, device: torch.device, out: Path, feature_
                                shard_size=lp.shard_size, batch_size=lp.batch_size, device=device, progress=progress)
 
     features.device = device
-    features.meta = {"encoder": lp.encoder, "encoder_path": lp.encoder_path, "extractor_id": encoder.extractor_id}
+    features.meta = {"encoder": lp.encoder, "encoder_path": lp.encoder_path, "extractor_id": encoder.extractor_id,
+                     **({"mirror": True} if lp.mirror else {})}
     return features
 
 
