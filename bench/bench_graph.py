@@ -13,6 +13,12 @@ image is embedded once and labeled by each variant below; the table gives the ac
 - `k=K`: the same graph with K neighbours per image;
 - `views=flip`, `views=shift`: each image's features averaged over views (with its mirror image; with its four
   one-pixel shifts) before the graph is built (test-time augmentation of the nodes);
+- `feats=2x2`, `feats=l3+l4`: other readings of the trunk: its last map pooled to 2x2, or the third layer's
+  pooled map beside the fourth's (whitened like the demo's features);
+- `labeled views=V`: V weakly augmented copies of each labeled image join the graph as labeled nodes;
+- `within-class whitened, shrink=S`: the whitened features mapped so that the pooled within-class covariance of
+  each class's most confident half (under the demo graph's labels) becomes (1 - S) Sw + S I -> identity, then the
+  graph again (one round of metric learning on the graph's own labels);
 - `mbo mu=M`: Poisson-MBO (Calder, Cook, Thorpe & Slepcev, ICML 2020, Algorithm 2): Poisson learning, then 20
   rounds of 40 explicit heat steps (time step 1 / max degree) with the Poisson source weighed by M, each
   followed by the volume-constrained projection onto one-hot labels (the class-size offsets of `graph.py`);
@@ -143,6 +149,26 @@ def poisson_mbo(p: Problem, feats: np.ndarray, mu: float, outer: int = 20, inner
     return u
 
 
+def within_class_whitened(p: Problem, feats: np.ndarray, scores: torch.Tensor, shrink: float,
+                          keep: float = 0.5) -> np.ndarray:
+    """The graph's features (whitened) mapped by (1 - shrink) Sw + shrink I to the power -1/2, where Sw is the pooled
+    within-class covariance of each class's `keep` most confident images under the graph's labels (and the labeled
+    images under theirs): directions along which a class varies shrink, those that separate classes grow."""
+    x = torch.as_tensor(p.nodes(feats), dtype=torch.float64)
+    prob = torch.softmax(scores.double(), 1)
+    label, conf = prob.argmax(1).numpy(), prob.max(1).values.numpy()
+    label[p.labeled], conf[p.labeled] = p.y[p.labeled], 2.0
+    rows = []
+    for c in range(p.C):
+        idx = np.flatnonzero(label == c)
+        rows.append(idx[np.argsort(-conf[idx])[:max(2, int(keep * len(idx)))]])
+    centred = torch.cat([x[r] - x[r].mean(0) for r in rows])
+    sw = centred.T @ centred / len(centred)
+    sw = (1 - shrink) * sw + shrink * float(torch.diagonal(sw).mean()) * torch.eye(len(sw), dtype=sw.dtype)
+    eigval, eigvec = torch.linalg.eigh(sw)
+    return (x @ (eigvec * eigval.clamp_min(1e-12).rsqrt()) @ eigvec.T).float().numpy()
+
+
 def self_train(p: Problem, scores: torch.Tensor, steps: int, seed: int = 0) -> np.ndarray:
     """Fine-tune the encoder with a linear head on the graph's labels; return its new features (N, D)."""
     prob = torch.softmax(scores.double(), 1).float()
@@ -214,6 +240,11 @@ def bench_run(run: Path, args) -> dict[str, float]:
         extra = embed(net, images, lambda x: augment.weak(x, gen, p.cfg.data.hflip), precision)
         acc[f"labeled views={args.labeled_views}"] = p.accuracy(
             p.scores(feats, extra=(extra, np.repeat(p.y[p.labeled], args.labeled_views))))
+    for shrink in args.wccn:
+        x = within_class_whitened(p, feats, base, shrink)
+        acc[f"within-class whitened, shrink={shrink:g}"] = p.accuracy(
+            graph.propagate(x, p.labeled, p.y[p.labeled], p.C, k=p.cfg.graph.k, max_iter=p.cfg.graph.max_iter,
+                            balanced=p.cfg.graph.balanced, score_of=p.pool)["scores"])
     for mu in args.mbo:
         acc[f"mbo mu={mu:g}"] = p.accuracy(poisson_mbo(p, feats, mu))
     if args.self_train_steps:
@@ -232,6 +263,8 @@ def main() -> None:
     p.add_argument("--feats", nargs="*", default=["2x2", "l3+l4"], choices=list(POOLS))
     p.add_argument("--labeled-views", type=int, default=16,
                    help="add this many weakly augmented copies of each labeled image as labeled nodes (0: off)")
+    p.add_argument("--wccn", type=float, nargs="*", default=[0.1, 0.5],
+                   help="within-class whitening on the graph's confident labels, these shrinkage weights")
     p.add_argument("--mbo", type=float, nargs="*", default=[1.0, 100.0], help="Poisson-MBO source weights")
     p.add_argument("--self-train-steps", type=int, default=1000, help="0: leave the self-training variant out")
     p.add_argument("--ceiling", action="store_true", help="add the every-label test top-1 rows")

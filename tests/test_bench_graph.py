@@ -1,0 +1,46 @@
+"""`bench/bench_graph.py` on the label-propagation smoke run: its `demo` row is the run's own stage 1, and every
+variant runs and labels the same pool."""
+import argparse
+import importlib.util
+
+import numpy as np
+import pytest
+
+from dualpseudo.artifacts import read_json
+
+from conftest import ROOT
+
+
+def _bench_graph():
+    spec = importlib.util.spec_from_file_location("bench_graph", ROOT / "bench" / "bench_graph.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_graph_reproduces_stage1_and_runs_every_variant(graph_run):
+    run, _ = graph_run
+    bench = _bench_graph()
+    args = argparse.Namespace(k=[3], views=["flip", "shift"], feats=list(bench.POOLS), labeled_views=2, wccn=[0.5],
+                              mbo=[1.0], self_train_steps=2, ceiling=True)
+    acc = bench.bench_run(run, args)
+    stage1 = read_json(run / "stage1/metrics.json")["pseudo_labels"]
+    pool = stage1["num_images"]
+    # the same encoder, split and graph settings label the same pool: within one image of the run's own answer
+    assert acc["demo"] == pytest.approx(100 * stage1["accuracy"], abs=100 / pool + 1e-9)
+    assert set(acc) == {"demo", "k=3", "views=flip", "views=shift", "feats=2x2", "feats=l3+l4", "labeled views=2",
+                        "within-class whitened, shrink=0.5", "mbo mu=1", "self-train",
+                        "ceiling: logistic regression, every label (test top-1)",
+                        "ceiling: 10-NN vote, every label (test top-1)"}
+    # every pool accuracy is a whole number of the pool's images
+    for name, value in acc.items():
+        if not name.startswith("ceiling"):
+            assert 0 <= value <= 100
+            assert value * pool / 100 == pytest.approx(round(value * pool / 100), abs=1e-6), name
+    # more labeled nodes change the graph: the augmented copies enter as labeled nodes, scored rows stay the pool
+    problem = bench.Problem(run)
+    feats = bench.embed(problem.trunk(), problem.ds.train_images)
+    extra = feats[problem.labeled][:2] + 0.01
+    scores = problem.scores(feats, extra=(extra, problem.y[problem.labeled][:2]))
+    assert scores.shape == (len(problem.y), problem.C)
+    assert np.isfinite(scores.numpy()).all()
