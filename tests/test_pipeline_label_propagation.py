@@ -224,6 +224,13 @@ def test_mirror_averaged_graph_features_through_stage1_and_the_api(graph_run):
     # new images go through the same averaging: an image and its mirror image get the same answer
     np.testing.assert_allclose(clf.predict_proba(ds.test_images), clf.predict_proba(ds.test_images[:, :, ::-1]),
                                atol=1e-5)
+    # and the model card says how its features were made
+    from dualpseudo.config import load_config
+    from dualpseudo.export import model_card
+    card = model_card(load_config(other / "config.yaml"), clf, dualpseudo.metrics(other), 1, False)
+    assert "averaged with its mirror image's" in card
+    plain = dualpseudo.load_classifier(run, stage=1)
+    assert "mirror" not in model_card(load_config(run / "config.yaml"), plain, dualpseudo.metrics(run), 1, False)
 
 
 def test_an_encoder_cached_under_its_schema_1_key_is_reused(graph_run, tmp_path, capsys):

@@ -124,7 +124,8 @@ def model_card(cfg, clf, m: dict, stage: int, torchscript: bool) -> str:
         "",
         "## How it was trained",
         f"- stage 1 (pseudo-labels): `{cfg.stage1.learner}`"
-        + (f" on a self-supervised `{cfg.encoder.network}` encoder" if clf.meta.get("encoder") == "ssl" else ""),
+        + (f" on a self-supervised `{cfg.encoder.network}` encoder" if clf.meta.get("encoder") == "ssl" else "")
+        + (" (each image's features averaged with its mirror image's)" if clf.meta.get("mirror") else ""),
         f"- stage 2 (pseudo-images): `{cfg.stage2.network}` EDM diffusion with classifier-free guidance, "
         f"{cfg.stage2.duration_kimg} kimg, {cfg.stage2.images_per_class} images per class",
         f"- stage 3 (final classifier): `{cfg.stage3.mode}` on real data plus the pseudo-images" if stage == 3
