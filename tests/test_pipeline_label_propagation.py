@@ -11,6 +11,23 @@ from dualpseudo.cli import main
 from conftest import SMOKE_GRAPH
 
 
+def _stage1_beside(base, name: str, *settings: str):
+    """Stage 1 of the smoke recipe with `settings`, in `base / name`, sharing the graph run's cache: that folder."""
+    other = base / name
+    sets = [x for kv in settings for x in ("--set", kv)]
+    assert main(["stage1", SMOKE_GRAPH, "--run-dir", str(other), *sets,
+                 "--set", f"evaluation.cache_dir={base / 'cache'}"]) == 0
+    return other
+
+
+def _api_test_top1(run_dir) -> float:
+    """Test top-1 of the run's stage-1 classifier loaded through the API, on the smoke recipe's test images."""
+    import dualpseudo
+    from dualpseudo.data.datasets import make_synthetic
+    ds = make_synthetic(4, 48, 16, size=16, seed=0)
+    return float((dualpseudo.load_classifier(run_dir, stage=1).predict(ds.test_images) == ds.test_labels).mean())
+
+
 def test_label_propagation_runs_all_three_stages(graph_run):
     run, base = graph_run
     m1, m3 = read_json(run / "stage1/metrics.json"), read_json(run / "stage3/metrics.json")
@@ -33,9 +50,7 @@ def test_label_propagation_runs_all_three_stages(graph_run):
 
 def test_another_split_reuses_the_shared_encoder(graph_run, capsys):
     run, base = graph_run
-    other = base / "split3"      # 3 labels per class (the synthetic images depend on split_seed)
-    assert main(["stage1", SMOKE_GRAPH, "--run-dir", str(other), "--set", "data.labels_per_class=3",
-                 "--set", f"evaluation.cache_dir={base / 'cache'}"]) == 0
+    other = _stage1_beside(base, "split3", "data.labels_per_class=3")   # the synthetic images depend on split_seed
     summary = read_json(other / "encoder/manifest.json")["summary"]
     assert summary["reused_shared"] is True
     assert (other / "encoder/encoder.safetensors").read_bytes() == (run / "encoder/encoder.safetensors").read_bytes()
@@ -173,22 +188,16 @@ def test_pseudo_weight_outside_label_propagation_is_an_error(tmp_path, capsys):
 
 def test_linear_probe_on_the_encoder_features(graph_run):
     run, base = graph_run
-    other = base / "probe"
-    assert main(["stage1", SMOKE_GRAPH, "--run-dir", str(other), "--set", "stage1.learner=linear-probe",
-                 "--set", f"evaluation.cache_dir={base / 'cache'}"]) == 0
+    other = _stage1_beside(base, "probe", "stage1.learner=linear-probe")
     m1 = read_json(other / "stage1/metrics.json")
     assert m1["learner"] == "linear-probe" and m1["linear_probe"]["encoder"] == "ssl"
     assert m1["linear_probe"]["feature_dim"] == 256 and m1["linear_probe"]["extractor_id"].startswith("ssl:")
 
 
 def test_whitened_graph_labels_through_stage1_and_the_api(graph_run):
-    import dualpseudo
     from dualpseudo.artifacts import load_weights
-    from dualpseudo.data.datasets import make_synthetic
     run, base = graph_run
-    other = base / "whiten"
-    assert main(["stage1", SMOKE_GRAPH, "--run-dir", str(other), "--set", "graph.whiten=8",
-                 "--set", f"evaluation.cache_dir={base / 'cache'}"]) == 0
+    other = _stage1_beside(base, "whiten", "graph.whiten=8")
     m = read_json(other / "stage1/metrics.json")
     assert m["graph"]["whiten"] == 8 and "whiten" not in read_json(run / "stage1/metrics.json")["graph"]
     tensors, meta = load_weights(other / "stage1/classifier.safetensors", "dualpseudo_graph", "graph")
@@ -198,18 +207,14 @@ def test_whitened_graph_labels_through_stage1_and_the_api(graph_run):
     pl0 = load_npz(run / "stage1/pseudo_labels.npz", ("confidence",))["confidence"]
     pl1 = load_npz(other / "stage1/pseudo_labels.npz", ("confidence",))["confidence"]
     assert not np.allclose(pl0, pl1)
-    ds = make_synthetic(4, 48, 16, size=16, seed=0)
-    top1 = float((dualpseudo.load_classifier(other, stage=1).predict(ds.test_images) == ds.test_labels).mean())
-    assert top1 == pytest.approx(m["test"]["top1"], abs=1.01 / 64)    # new images go through the same whitening
+    assert _api_test_top1(other) == pytest.approx(m["test"]["top1"], abs=1.01 / 64)   # new images: same whitening
 
 
 def test_mirror_averaged_graph_features_through_stage1_and_the_api(graph_run):
     import dualpseudo
     from dualpseudo.data.datasets import make_synthetic
     run, base = graph_run
-    other = base / "mirror"
-    assert main(["stage1", SMOKE_GRAPH, "--run-dir", str(other), "--set", "linear_probe.mirror=true",
-                 "--set", f"evaluation.cache_dir={base / 'cache'}"]) == 0
+    other = _stage1_beside(base, "mirror", "linear_probe.mirror=true")
     m = read_json(other / "stage1/metrics.json")
     assert m["graph"]["mirror"] is True and m["graph"]["extractor_id"].endswith(":mirror")
     assert "mirror" not in read_json(run / "stage1/metrics.json")["graph"]
@@ -217,10 +222,9 @@ def test_mirror_averaged_graph_features_through_stage1_and_the_api(graph_run):
     pl0 = load_npz(run / "stage1/pseudo_labels.npz", ("confidence",))["confidence"]
     pl1 = load_npz(other / "stage1/pseudo_labels.npz", ("confidence",))["confidence"]
     assert not np.allclose(pl0, pl1)
+    assert _api_test_top1(other) == pytest.approx(m["test"]["top1"], abs=1.01 / 64)
     ds = make_synthetic(4, 48, 16, size=16, seed=0)
     clf = dualpseudo.load_classifier(other, stage=1)
-    assert float((clf.predict(ds.test_images) == ds.test_labels).mean()) == pytest.approx(m["test"]["top1"],
-                                                                                          abs=1.01 / 64)
     # new images go through the same averaging: an image and its mirror image get the same answer
     np.testing.assert_allclose(clf.predict_proba(ds.test_images), clf.predict_proba(ds.test_images[:, :, ::-1]),
                                atol=1e-5)
