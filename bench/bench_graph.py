@@ -29,6 +29,9 @@ image is embedded once and labeled by each variant below; the table gives the ac
   regression and of a 10-nearest-neighbour vote on the whitened features. A diagnostic of what the features
   separate, not a learner; the test split chooses nothing here.
 
+Every variant reads the trunk as the run's stage 1 does: with `linear_probe.mirror: true` each image's features are
+averaged with its mirror image's (so `views=flip` adds nothing there).
+
 Use held-out splits (not the ones a reported table uses): the pool accuracies here judge graph settings. One
 process (no other training beside it).
 """
@@ -58,17 +61,22 @@ from dualpseudo.training import to_float  # noqa: E402
 
 @torch.inference_mode()
 def embed(net: nn.Module, images: np.ndarray, view=None, precision: str = "fp32", pool=None,
-          batch_size: int = 1024) -> np.ndarray:
+          batch_size: int = 1024, mirror: bool = False) -> np.ndarray:
     """uint8 (N, H, W, C) -> (N, D) float32 features of `net`, each batch through `view` first.
 
-    `pool` (net, x) -> features replaces `net(x)` (the trunk's globally pooled features)."""
+    `pool` (net, x) -> features replaces `net(x)` (the trunk's globally pooled features); `mirror` averages each
+    (viewed) image's features with its mirror image's, as `linear_probe.mirror` does in the pipeline."""
     net.eval()
+    read = (lambda x: pool(net, x)) if pool else net
     out = []
     for start in range(0, len(images), batch_size):
         x = to_float(torch.from_numpy(images[start:start + batch_size]).permute(0, 3, 1, 2))
         x = (view(x) if view else x).contiguous(memory_format=torch.channels_last)
         with autocast(x.device, precision):
-            out.append((pool(net, x) if pool else net(x)).float())
+            f = read(x).float()
+            if mirror:
+                f = 0.5 * (f + read(x.flip(3)).float())
+        out.append(f)
     return torch.cat(out).numpy()
 
 
@@ -126,6 +134,10 @@ class Problem:
     def trunk(self) -> nn.Module:
         """A fresh copy of the run's encoder trunk (its loader's checks and messages)."""
         return EncoderFeatures(self.encoder_file).net
+
+    def features(self, net: nn.Module, images: np.ndarray, view=None, pool=None) -> np.ndarray:
+        """`embed` in the run's precision, averaged with the mirror images' when the run's stage 1 does that."""
+        return embed(net, images, view, self.cfg.runtime.precision, pool, mirror=self.cfg.linear_probe.mirror)
 
 
 def poisson_mbo(p: Problem, feats: np.ndarray, mu: float, outer: int = 20, inner: int = 40) -> torch.Tensor:
@@ -197,12 +209,12 @@ def self_train(p: Problem, scores: torch.Tensor, steps: int, seed: int = 0) -> n
         loss.backward()
         opt.step()
         sched.step()
-    return embed(net, p.ds.train_images, precision=p.cfg.runtime.precision)
+    return p.features(net, p.ds.train_images)
 
 
 def ceiling(p: Problem, feats: np.ndarray, net: nn.Module) -> dict[str, float]:
     """Test top-1 (%) with every training label: logistic regression, and a 10-NN vote on whitened features."""
-    test = embed(net, p.ds.test_images, precision=p.cfg.runtime.precision)
+    test = p.features(net, p.ds.test_images)
     probe = fit_probe(feats, p.y, feats, p.C, p.cfg.linear_probe.l2_strength, max_iter=500,
                       device=torch.device("cpu"))
     out = {"ceiling: logistic regression, every label (test top-1)":
@@ -219,8 +231,7 @@ def bench_run(run: Path, args) -> dict[str, float]:
     p = Problem(run)
     net = p.trunk()
     t = time.time()
-    precision = p.cfg.runtime.precision
-    feats = embed(net, p.ds.train_images, precision=precision)
+    feats = p.features(net, p.ds.train_images)
     acc: dict[str, float] = {}
     base = p.scores(feats)
     acc["demo"] = p.accuracy(base)
@@ -229,15 +240,14 @@ def bench_run(run: Path, args) -> dict[str, float]:
     views = {"flip": [lambda x: x.flip(3)],
              "shift": [lambda x, s=s: torch.roll(x, s, (2, 3)) for s in ((1, 0), (-1, 0), (0, 1), (0, -1))]}
     for name in args.views:
-        stack = [feats] + [embed(net, p.ds.train_images, v, precision) for v in views[name]]
+        stack = [feats] + [p.features(net, p.ds.train_images, v) for v in views[name]]
         acc[f"views={name}"] = p.accuracy(p.scores(np.mean(stack, 0)))
     for name in args.feats:
-        acc[f"feats={name}"] = p.accuracy(p.scores(embed(net, p.ds.train_images, precision=precision,
-                                                         pool=POOLS[name])))
+        acc[f"feats={name}"] = p.accuracy(p.scores(p.features(net, p.ds.train_images, pool=POOLS[name])))
     if args.labeled_views:
         gen = torch.Generator().manual_seed(0)
         images = np.repeat(p.ds.train_images[p.labeled], args.labeled_views, 0)
-        extra = embed(net, images, lambda x: augment.weak(x, gen, p.cfg.data.hflip), precision)
+        extra = p.features(net, images, lambda x: augment.weak(x, gen, p.cfg.data.hflip))
         acc[f"labeled views={args.labeled_views}"] = p.accuracy(
             p.scores(feats, extra=(extra, np.repeat(p.y[p.labeled], args.labeled_views))))
     for shrink in args.wccn:

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from dualpseudo.artifacts import read_json
+from dualpseudo.cli import main
 
-from conftest import ROOT
+from conftest import ROOT, SMOKE_GRAPH
 
 
 def _bench_graph():
@@ -44,3 +45,27 @@ def test_bench_graph_reproduces_stage1_and_runs_every_variant(graph_run):
     scores = problem.scores(feats, extra=(extra, problem.y[problem.labeled][:2]))
     assert scores.shape == (len(problem.y), problem.C)
     assert np.isfinite(scores.numpy()).all()
+
+
+def test_bench_graph_reads_the_trunk_as_a_mirror_run_does(graph_run):
+    """With `linear_probe.mirror: true` the bench's features are the pipeline's: its `demo` row reproduces that
+    stage 1, and averaging those features over the mirror again changes nothing."""
+    _, base = graph_run
+    other = base / "mirror"
+    assert main(["stage1", SMOKE_GRAPH, "--run-dir", str(other), "--set", "linear_probe.mirror=true",
+                 "--set", f"evaluation.cache_dir={base / 'cache'}"]) == 0
+    bench = _bench_graph()
+    args = argparse.Namespace(k=[], views=["flip"], feats=[], labeled_views=0, wccn=[], mbo=[], self_train_steps=0,
+                              ceiling=False)
+    acc = bench.bench_run(other, args)
+    stage1 = read_json(other / "stage1/metrics.json")["pseudo_labels"]
+    assert acc["demo"] == pytest.approx(100 * stage1["accuracy"], abs=100 / stage1["num_images"] + 1e-9)
+    assert acc["views=flip"] == acc["demo"]
+    # the features are the mirror average, not the plain trunk's
+    problem = bench.Problem(other)
+    net = problem.trunk()
+    plain = bench.embed(net, problem.ds.train_images[:8])
+    flipped = bench.embed(net, problem.ds.train_images[:8, :, ::-1].copy())
+    np.testing.assert_allclose(problem.features(net, problem.ds.train_images[:8]), 0.5 * (plain + flipped),
+                               rtol=1e-5, atol=1e-6)
+    assert not np.allclose(plain, flipped, atol=1e-4)
