@@ -11,7 +11,7 @@ from conftest import ROOT
 def test_defaults_and_yaml_round_trip(tmp_path):
     cfg = load_config(ROOT / "configs" / "fashion_mnist.yaml")       # reads the YAML only, never the dataset
     assert cfg.data.name == "fashion_mnist" and cfg.stage1.learner == "label-propagation"
-    assert cfg.linear_probe.encoder == "ssl" and cfg.stage3.mode == "label-propagation"
+    assert cfg.linear_probe.encoder == "ssl" and cfg.linear_probe.mirror and cfg.stage3.mode == "label-propagation"
     path = tmp_path / "c.yaml"
     path.write_text(to_yaml(cfg))
     assert load_config(path) == cfg
