@@ -87,3 +87,13 @@ def graph_run(tmp_path_factory):
     run = base / "run"
     assert dualpseudo.run(SMOKE_GRAPH, run, [f"evaluation.cache_dir={base / 'cache'}"]) == 0
     return run, base
+
+
+def stage1_beside(base, name: str, *settings: str):
+    """Stage 1 of the smoke recipe with `settings`, in `base / name`, sharing the graph run's cache: that folder."""
+    from dualpseudo.cli import main
+    other = base / name
+    sets = [x for kv in settings for x in ("--set", kv)]
+    assert main(["stage1", SMOKE_GRAPH, "--run-dir", str(other), *sets,
+                 "--set", f"evaluation.cache_dir={base / 'cache'}"]) == 0
+    return other

@@ -7,9 +7,8 @@ import numpy as np
 import pytest
 
 from dualpseudo.artifacts import read_json
-from dualpseudo.cli import main
 
-from conftest import ROOT, SMOKE_GRAPH
+from conftest import ROOT, stage1_beside
 
 
 def _bench_graph():
@@ -51,9 +50,7 @@ def test_bench_graph_reads_the_trunk_as_a_mirror_run_does(graph_run):
     """With `linear_probe.mirror: true` the bench's features are the pipeline's: its `demo` row reproduces that
     stage 1, and averaging those features over the mirror again changes nothing."""
     _, base = graph_run
-    other = base / "mirror"
-    assert main(["stage1", SMOKE_GRAPH, "--run-dir", str(other), "--set", "linear_probe.mirror=true",
-                 "--set", f"evaluation.cache_dir={base / 'cache'}"]) == 0
+    other = stage1_beside(base, "mirror", "linear_probe.mirror=true")
     bench = _bench_graph()
     args = argparse.Namespace(k=[], views=["flip"], feats=[], labeled_views=0, wccn=[], mbo=[], self_train_steps=0,
                               ceiling=False)

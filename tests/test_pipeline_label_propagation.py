@@ -8,16 +8,7 @@ import pytest
 from dualpseudo.artifacts import load_npz, read_json
 from dualpseudo.cli import main
 
-from conftest import SMOKE_GRAPH
-
-
-def _stage1_beside(base, name: str, *settings: str):
-    """Stage 1 of the smoke recipe with `settings`, in `base / name`, sharing the graph run's cache: that folder."""
-    other = base / name
-    sets = [x for kv in settings for x in ("--set", kv)]
-    assert main(["stage1", SMOKE_GRAPH, "--run-dir", str(other), *sets,
-                 "--set", f"evaluation.cache_dir={base / 'cache'}"]) == 0
-    return other
+from conftest import SMOKE_GRAPH, stage1_beside
 
 
 def _api_test_top1(run_dir) -> float:
@@ -50,7 +41,7 @@ def test_label_propagation_runs_all_three_stages(graph_run):
 
 def test_another_split_reuses_the_shared_encoder(graph_run, capsys):
     run, base = graph_run
-    other = _stage1_beside(base, "split3", "data.labels_per_class=3")   # the synthetic images depend on split_seed
+    other = stage1_beside(base, "split3", "data.labels_per_class=3")   # the synthetic images depend on split_seed
     summary = read_json(other / "encoder/manifest.json")["summary"]
     assert summary["reused_shared"] is True
     assert (other / "encoder/encoder.safetensors").read_bytes() == (run / "encoder/encoder.safetensors").read_bytes()
@@ -188,7 +179,7 @@ def test_pseudo_weight_outside_label_propagation_is_an_error(tmp_path, capsys):
 
 def test_linear_probe_on_the_encoder_features(graph_run):
     run, base = graph_run
-    other = _stage1_beside(base, "probe", "stage1.learner=linear-probe")
+    other = stage1_beside(base, "probe", "stage1.learner=linear-probe")
     m1 = read_json(other / "stage1/metrics.json")
     assert m1["learner"] == "linear-probe" and m1["linear_probe"]["encoder"] == "ssl"
     assert m1["linear_probe"]["feature_dim"] == 256 and m1["linear_probe"]["extractor_id"].startswith("ssl:")
@@ -197,7 +188,7 @@ def test_linear_probe_on_the_encoder_features(graph_run):
 def test_whitened_graph_labels_through_stage1_and_the_api(graph_run):
     from dualpseudo.artifacts import load_weights
     run, base = graph_run
-    other = _stage1_beside(base, "whiten", "graph.whiten=8")
+    other = stage1_beside(base, "whiten", "graph.whiten=8")
     m = read_json(other / "stage1/metrics.json")
     assert m["graph"]["whiten"] == 8 and "whiten" not in read_json(run / "stage1/metrics.json")["graph"]
     tensors, meta = load_weights(other / "stage1/classifier.safetensors", "dualpseudo_graph", "graph")
@@ -214,7 +205,7 @@ def test_mirror_averaged_graph_features_through_stage1_and_the_api(graph_run):
     import dualpseudo
     from dualpseudo.data.datasets import make_synthetic
     run, base = graph_run
-    other = _stage1_beside(base, "mirror", "linear_probe.mirror=true")
+    other = stage1_beside(base, "mirror", "linear_probe.mirror=true")
     m = read_json(other / "stage1/metrics.json")
     assert m["graph"]["mirror"] is True and m["graph"]["extractor_id"].endswith(":mirror")
     assert "mirror" not in read_json(run / "stage1/metrics.json")["graph"]
