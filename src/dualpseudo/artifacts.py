@@ -17,7 +17,9 @@ import io
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
@@ -56,8 +58,39 @@ def atomic_write(path: str | Path, write: Callable[[io.BufferedWriter], None],
 
     `before_replace(temp_path)` runs on the complete temp file just before the rename. A failed torch.save
     (torch's `inline_container.cc` text) is re-raised as the OSError it stands for (ENOSPC when the disk is full).
+    Ctrl-C or SIGTERM during the write takes effect once the file is in place (see `interrupts_held`).
     """
-    path = Path(path)
+    with interrupts_held():
+        return _atomic_write(Path(path), write, before_replace)
+
+
+@contextmanager
+def interrupts_held():
+    """Hold SIGINT and SIGTERM for the duration of the block, then deliver the first one that arrived.
+
+    An exception raised by a signal handler inside torch.save's C++ writer does not propagate as itself: the writer
+    sees a short write and fails with "unexpected pos", which would read as a disk error instead of an
+    interruption. Files are small enough that waiting for the write to finish costs a user nothing. Outside the
+    main thread (where handlers cannot be set) the block runs unchanged.
+    """
+    held = (signal.SIGINT, signal.SIGTERM)
+    if threading.current_thread() is not threading.main_thread() or None in map(signal.getsignal, held):
+        yield                                   # not the main thread, or a handler not set from Python
+        return
+    arrived: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: arrived.append(signum)) for s in held}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if arrived:
+            signal.raise_signal(arrived[0])     # the restored handler runs now: raises, or ends the process
+
+
+def _atomic_write(path: Path, write: Callable[[io.BufferedWriter], None],
+                  before_replace: Callable[[Path], None] | None) -> Path:
+    """`atomic_write`'s body, with interrupts held by the caller."""
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
