@@ -233,7 +233,7 @@ def main() -> None:
     p.add_argument("--weights", type=float, nargs="+", default=[1.0], help="stage3: stage3.pseudo_weight values")
     p.add_argument("--sources", nargs="+", default=["generated"], choices=["generated", "real"],
                    help="stage3: stage3.pseudo_source values (real: the self-training baseline)")
-    p.add_argument("--filters", nargs="+", default=["none"], choices=["none", "agree"], help="stage3: filters")
+    p.add_argument("--filters", nargs="+", default=["none"], choices=["none", "agree", "auto"], help="stage3: filters")
     p.add_argument("--priors", nargs="+", default=["weighted"], choices=["weighted", "real"],
                    help="stage3: stage3.class_prior values")
     args = p.parse_args()

@@ -65,13 +65,15 @@ def test_an_encoder_setting_reruns_the_encoder_and_both_classifiers(graph_run, c
     assert lines["encoder"].split()[1] == "reuse" and lines["stage1"].split()[1] == "run"
 
 
-def _stage3_variant(graph_run, name: str, setting: str) -> tuple[Path, dict]:
-    """Stage 3 re-run with `setting` in a copy of the smoke run (stages 1-2 reused): (copy, its stage-3 metrics)."""
+def _stage3_variant(graph_run, name: str, *settings: str) -> tuple[Path, dict]:
+    """Stage 3 re-run with `settings` in a copy of the smoke run (stages 1-2 reused unless a setting changes
+    them): (copy, its stage-3 metrics)."""
     import shutil
     run, base = graph_run
     copy = base / name
     shutil.copytree(run, copy)
-    assert main(["stage3", SMOKE_GRAPH, "--run-dir", str(copy), "--force", "--set", setting,
+    sets = [a for s in settings for a in ("--set", s)]
+    assert main(["stage3", SMOKE_GRAPH, "--run-dir", str(copy), "--force", *sets,
                  "--set", f"evaluation.cache_dir={base / 'cache'}"]) == 0
     return copy, read_json(copy / "stage3/metrics.json")
 
@@ -147,6 +149,31 @@ def test_stage3_filter_agree_records_what_it_kept(graph_run):
     f = m3["filter"]
     assert f["rule"] == "agree" and f["of"] == 32 and sum(f["kept_per_class"]) == f["kept"] == m3["num_pseudo_images"]
     assert m3["graph"]["num_labeled_nodes"] == 8 + f["kept"]
+
+
+def test_filter_auto_judges_unless_a_class_has_one_labeled_image():
+    from dualpseudo.stages.retrain import filter_rule
+    assert filter_rule("auto", np.array([0, 0, 1, 1, 2, 2]), 3) == "agree"
+    assert filter_rule("auto", np.array([0, 0, 1, 1, 2]), 3) == "none"          # class 2: one labeled image
+    assert filter_rule("auto", np.array([0, 0, 1, 1]), 3) == "none"             # class 2: none at all
+    assert filter_rule("agree", np.array([0, 1, 2]), 3) == "agree"              # explicit settings stand
+    assert filter_rule("none", np.array([0, 0, 1, 1, 2, 2]), 3) == "none"
+
+
+def test_stage3_filter_auto_judges_at_two_labels_and_keeps_all_at_one(graph_run):
+    _, agree = _stage3_variant(graph_run, "agree-again", "stage3.filter=agree")
+    copy, auto = _stage3_variant(graph_run, "auto", "stage3.filter=auto")      # the smoke split: 2 per class
+    assert auto["filter"]["rule"] == "agree" and auto["filter"]["setting"] == "auto"
+    assert auto["filter"]["kept_per_class"] == agree["filter"]["kept_per_class"]
+    assert auto["test"]["top1"] == agree["test"]["top1"]
+    assert main(["report", "--run-dir", str(copy)]) == 0
+    assert f"| {auto['num_pseudo_images']} of 32 (kept by the judge) |" in (copy / "report.md").read_text()
+    # one label per class: a new split, so stages 1-2 run again; the judge is left out and every image is used
+    one, m3 = _stage3_variant(graph_run, "auto-one", "stage3.filter=auto", "data.labels_per_class=1")
+    assert m3["filter"] == {"rule": "none", "setting": "auto"} and m3["num_pseudo_images"] == 32
+    assert m3["graph"]["num_labeled_nodes"] == 4 + 32
+    assert main(["report", "--run-dir", str(one)]) == 0
+    assert "| 32 (no judge: `stage3.filter: auto` with one labeled image in a class) |" in (one / "report.md").read_text()
 
 
 def test_stage3_pseudo_weight_changes_the_scores_and_is_recorded(graph_run):

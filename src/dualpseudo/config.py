@@ -156,9 +156,11 @@ class Stage3Config:
     # linear-probe: refit on labeled + pseudo features; label-propagation: pseudo-images join the graph as labeled
     pseudo_source: Literal["generated", "real"] = added_later("generated")
     # real: the baseline of plain self-training, K real images per class with stage 1's most confident labels
-    filter: Literal["none", "agree"] = added_later("none")
+    filter: Literal["none", "agree", "auto"] = added_later("none")
     # agree: keep only the pseudo-images that an independent judge (a logistic regression on linear_probe.encoder
-    # features of the labeled images alone, not the classifier that made the labels) puts in their class
+    # features of the labeled images alone, not the classifier that made the labels) puts in their class;
+    # auto: agree, but none when some class has a single labeled image (a judge fitted on one image per class
+    # drops most pseudo-images of some classes: held-out splits at 1 label per class, BENCHMARKS.md)
     pseudo_fraction: float = 0.5                      # share of pseudo-images in each labeled batch
     iterations: int = 0                               # 0: as many as stage 1
     pseudo_weight: float = added_later(1.0)
@@ -170,6 +172,11 @@ class Stage3Config:
     baseline: bool = added_later(False)
     # true: also stage 3 with K real images per class (stage 1's most confident labels, the same settings) in
     # stage3_baseline/, beside DPT in the report: what the generator adds over plain self-training
+
+    @property
+    def judges(self) -> bool:
+        """True when stage 3 may fit the agreement judge (`filter` agree or auto), so it needs its features."""
+        return self.filter != "none"
 
 
 @dataclass(frozen=True)

@@ -217,6 +217,16 @@ def _or_na(x) -> str:
     return NA if x is None else str(x)
 
 
+def _pseudo_used(m: Metrics) -> str:
+    """How many pseudo-images stage 3 used, and what its filter (`stage3.filter`) did to them."""
+    f = m.data.get("filter") or {}
+    if not f or m.num_pseudo_images is None:
+        return _or_na(m.num_pseudo_images)
+    if f.get("rule") == "agree":
+        return f"{m.num_pseudo_images} of {f['of']} (kept by the judge)"
+    return f"{m.num_pseudo_images} (no judge: `stage3.filter: {f.get('setting')}` with one labeled image in a class)"
+
+
 def _headline_metrics() -> list[tuple[str, str, Callable[[Metrics], str]]]:
     """(row label, the step whose metrics.json it reads, how it shows them) of the summary table."""
     pr = lambda m, k: _f(m.precision_recall(k))  # noqa: E731
@@ -230,7 +240,7 @@ def _headline_metrics() -> list[tuple[str, str, Callable[[Metrics], str]]]:
          lambda m: f"{_pct(m.test_top1)} ({_pp(m.delta_top1)})"),
         ("pseudo-label accuracy, stage 1 (unlabeled pool)", "stage1", pseudo),
         ("pseudo-label accuracy, stage 3 (unlabeled pool)", "stage3", pseudo),
-        ("pseudo-images used in stage 3", "stage3", lambda m: _or_na(m.num_pseudo_images)),
+        ("pseudo-images used in stage 3", "stage3", _pseudo_used),
         ("FID", "evaluation", _fid),
         ("class consistency (oracle)", "evaluation",
          lambda m: _unavailable(m.class_consistency_unavailable) or _pct(m.class_consistency_accuracy)),

@@ -125,7 +125,7 @@ def _named_files(cfg: ExperimentConfig, stages: tuple[str, ...]) -> list[tuple[s
     out = []
     lp = cfg.linear_probe
     uses_probe = cfg.stage1.learner in FEATURE_LEARNERS or (last >= 2 and (
-        cfg.stage3.mode in FEATURE_LEARNERS or cfg.stage3.filter == "agree"))
+        cfg.stage3.mode in FEATURE_LEARNERS or cfg.stage3.judges))
     if uses_probe and lp.encoder == "torchscript":
         out.append(("linear_probe.encoder_path", lp.encoder_path, "torchscript"))
     if uses_probe and lp.encoder == "inception":
@@ -183,7 +183,7 @@ def missing_files(cfg: ExperimentConfig, stages: tuple[str, ...]) -> list[str]:
     lp = cfg.linear_probe
     last = max(("stage1", "stage2", "stage3", "evaluation").index(s) for s in stages)
     uses_features = cfg.stage1.learner in FEATURE_LEARNERS or (last >= 2 and (
-        cfg.stage3.mode in FEATURE_LEARNERS or cfg.stage3.filter == "agree"))
+        cfg.stage3.mode in FEATURE_LEARNERS or cfg.stage3.judges))
     if uses_features and lp.encoder == "torchscript" and not (
             lp.encoder_path and Path(lp.encoder_path).expanduser().is_file()):
         out.append(f"linear_probe.encoder_path: {lp.encoder_path} does not exist (the frozen encoder as a "

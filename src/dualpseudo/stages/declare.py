@@ -96,7 +96,7 @@ def judged(value):
 def needs_encoder(cfg: ExperimentConfig) -> bool:
     """True when a stage's learner reads features of the run's self-supervised encoder."""
     uses_features = (cfg.stage1.learner in FEATURE_LEARNERS or cfg.stage3.mode in FEATURE_LEARNERS
-                     or cfg.stage3.filter == "agree")
+                     or cfg.stage3.judges)
     return (uses_features and cfg.linear_probe.encoder == "ssl") or cfg.stage1.init == "encoder"
 
 
@@ -118,7 +118,7 @@ def stage3_feature_sections(cfg: ExperimentConfig) -> dict:
     """Stage 3's feature sections: stage 1's (it reuses stage 1's feature cache), its own mode's, and the judge's
     when pseudo-images are filtered by agreement."""
     return {**feature_sections(cfg, cfg.stage1.learner), **feature_sections(cfg, cfg.stage3.mode),
-            **({"linear_probe": cfg.linear_probe} if cfg.stage3.filter == "agree" else {})}
+            **({"linear_probe": cfg.linear_probe} if cfg.stage3.judges else {})}
 
 
 def _stage2_reads(cfg: ExperimentConfig) -> dict:
@@ -242,7 +242,7 @@ def named_file_inputs(cfg: ExperimentConfig, step: str) -> dict[str, str]:
     out: dict[str, str] = {}
     lp = cfg.linear_probe
     probe_used = {"stage1": cfg.stage1.learner in FEATURE_LEARNERS,
-                  "stage3": cfg.stage3.mode in FEATURE_LEARNERS or cfg.stage3.filter == "agree"
+                  "stage3": cfg.stage3.mode in FEATURE_LEARNERS or cfg.stage3.judges
                   or cfg.stage1.learner in FEATURE_LEARNERS and cfg.stage3.mode == "ssl"}.get(step, False)
     if probe_used and lp.encoder in ("torchscript", "inception") and lp.encoder_path:
         out["encoder_file"] = hash_or_missing(Path(lp.encoder_path).expanduser())

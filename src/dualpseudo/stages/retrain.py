@@ -48,6 +48,16 @@ def most_confident_real(pseudo_labels: PseudoLabels | dict, per_class: int, num_
     return np.concatenate(out).astype(np.int64)
 
 
+def filter_rule(setting: str, labeled_labels: np.ndarray, num_classes: int) -> str:
+    """The pseudo-image filter stage 3 applies: `setting` itself, or for `auto` "agree" unless some class has at
+    most one labeled image, then "none" (a judge fitted on one image per class drops most pseudo-images of some
+    classes, which then shrink in the graph: held-out splits at 1 label per class, BENCHMARKS.md)."""
+    if setting != "auto":
+        return setting
+    fewest = np.bincount(np.asarray(labeled_labels, dtype=np.int64), minlength=num_classes).min()
+    return "agree" if fewest >= 2 else "none"
+
+
 def run_stage3(cfg: ExperimentConfig, ds: Dataset, labeled_idx: np.ndarray, stage2: Path, out: Path,
                device: torch.device, baseline_top1: float | None, *, world: World, progress: bool = True,
                feature_cache: Path | None = None, encoder_file: Path | None = None,
@@ -64,7 +74,8 @@ def run_stage3(cfg: ExperimentConfig, ds: Dataset, labeled_idx: np.ndarray, stag
         gen = PseudoImages.load(stage2)
         x_pseudo, y_pseudo = gen.images, gen.labels
     kept = None
-    if s3.filter == "agree":                  # rank 0 judges, every rank trains on the same kept images
+    rule = filter_rule(s3.filter, ds.train_labels[labeled_idx], ds.num_classes)
+    if rule == "agree":                       # rank 0 judges, every rank trains on the same kept images
         keep = world.broadcast(judge_agreement(
             cfg, ds, labeled_idx, out, device, x_pseudo, y_pseudo, feature_cache=feature_cache or out / FEATURES,
             encoder_file=encoder_file, progress=progress) if world.is_main else None)
@@ -80,8 +91,8 @@ def run_stage3(cfg: ExperimentConfig, ds: Dataset, labeled_idx: np.ndarray, stag
     metrics["mode"] = s3.mode
     metrics["pseudo_source"] = s3.pseudo_source
     metrics["num_pseudo_images"] = int(len(y_pseudo))
-    if kept is not None:
-        metrics["filter"] = {"rule": "agree", **kept}
+    if s3.filter != "none":
+        metrics["filter"] = {"rule": rule, "setting": s3.filter, **(kept or {})}
     if baseline_top1 is not None and Metrics(metrics).has_test:
         metrics["stage1_test_top1"] = baseline_top1
         metrics["delta_top1"] = Metrics(metrics).test_top1 - baseline_top1
