@@ -194,7 +194,10 @@ def test_stage3_baseline_runs_beside_dpt_and_keeps_stage3(graph_run):
     assert read_json(copy / "stage3/manifest.json") == read_json(run / "stage3/manifest.json")   # DPT reused
     mb = read_json(copy / "stage3_baseline/metrics.json")
     assert mb["pseudo_source"] == "real" and mb["num_pseudo_images"] == 32 and "delta_top1" in mb
-    assert "self-training" in (copy / "report.md").read_text()
+    assert "not run (stage3.baseline: false)" in (copy / "report.md").read_text()     # the copied report
+    assert main(["report", "--run-dir", str(copy)]) == 0
+    row = f"| {100 * mb['test']['top1']:.2f}% ({100 * mb['delta_top1']:+.2f} pp) |"
+    assert row in (copy / "report.md").read_text()
 
 
 def test_pseudo_weight_outside_label_propagation_is_an_error(tmp_path, capsys):
