@@ -24,7 +24,7 @@ from typing import Callable
 from ..config import ConfigError, ExperimentConfig
 from ..data.datasets import Dataset
 from ..runtime import resolve_device
-from .declare import FEATURE_LEARNERS
+from .declare import FEATURE_LEARNERS, stage3_reads_features
 
 NETWORK_LEARNERS = ("fixmatch", "freematch", "supervised")   # the stage-1 learners that train stage1.network
 
@@ -118,14 +118,11 @@ def _sd_geometry(folder: str | None) -> tuple[int, int] | None:
 
 def _named_files(cfg: ExperimentConfig, stages: tuple[str, ...]) -> list[tuple[str, str | None, str]]:
     """(config key, path, kind) of every file a step of `stages` will read; path None: the packaged default."""
-    from .declare import FEATURE_LEARNERS
-
     order = ("stage1", "stage2", "stage3", "evaluation")
     last = max(order.index(s) for s in stages)
     out = []
     lp = cfg.linear_probe
-    uses_probe = cfg.stage1.learner in FEATURE_LEARNERS or (last >= 2 and (
-        cfg.stage3.mode in FEATURE_LEARNERS or cfg.stage3.judges))
+    uses_probe = cfg.stage1.learner in FEATURE_LEARNERS or (last >= 2 and stage3_reads_features(cfg))
     if uses_probe and lp.encoder == "torchscript":
         out.append(("linear_probe.encoder_path", lp.encoder_path, "torchscript"))
     if uses_probe and lp.encoder == "inception":
@@ -182,8 +179,7 @@ def missing_files(cfg: ExperimentConfig, stages: tuple[str, ...]) -> list[str]:
                    f"indices, a split.json, or whitespace/comma separated integers)")
     lp = cfg.linear_probe
     last = max(("stage1", "stage2", "stage3", "evaluation").index(s) for s in stages)
-    uses_features = cfg.stage1.learner in FEATURE_LEARNERS or (last >= 2 and (
-        cfg.stage3.mode in FEATURE_LEARNERS or cfg.stage3.judges))
+    uses_features = cfg.stage1.learner in FEATURE_LEARNERS or (last >= 2 and stage3_reads_features(cfg))
     if uses_features and lp.encoder == "torchscript" and not (
             lp.encoder_path and Path(lp.encoder_path).expanduser().is_file()):
         out.append(f"linear_probe.encoder_path: {lp.encoder_path} does not exist (the frozen encoder as a "

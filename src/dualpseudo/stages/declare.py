@@ -93,10 +93,14 @@ def judged(value):
     return {k: defaults.get(k, v) for k, v in seen.items()}
 
 
+def stage3_reads_features(cfg: ExperimentConfig) -> bool:
+    """True when stage 3 reads `linear_probe` features: a feature learner, or the agreement judge."""
+    return cfg.stage3.mode in FEATURE_LEARNERS or cfg.stage3.judges
+
+
 def needs_encoder(cfg: ExperimentConfig) -> bool:
     """True when a stage's learner reads features of the run's self-supervised encoder."""
-    uses_features = (cfg.stage1.learner in FEATURE_LEARNERS or cfg.stage3.mode in FEATURE_LEARNERS
-                     or cfg.stage3.judges)
+    uses_features = cfg.stage1.learner in FEATURE_LEARNERS or stage3_reads_features(cfg)
     return (uses_features and cfg.linear_probe.encoder == "ssl") or cfg.stage1.init == "encoder"
 
 
@@ -242,7 +246,7 @@ def named_file_inputs(cfg: ExperimentConfig, step: str) -> dict[str, str]:
     out: dict[str, str] = {}
     lp = cfg.linear_probe
     probe_used = {"stage1": cfg.stage1.learner in FEATURE_LEARNERS,
-                  "stage3": cfg.stage3.mode in FEATURE_LEARNERS or cfg.stage3.judges
+                  "stage3": stage3_reads_features(cfg)
                   or cfg.stage1.learner in FEATURE_LEARNERS and cfg.stage3.mode == "ssl"}.get(step, False)
     if probe_used and lp.encoder in ("torchscript", "inception") and lp.encoder_path:
         out["encoder_file"] = hash_or_missing(Path(lp.encoder_path).expanduser())
