@@ -186,8 +186,8 @@ def main(config_path: str, overrides: list[str], run_root: Path, stages: tuple[s
     world.barrier()
     for s in steps:
         _execute(s, run, world, device, say)
-    if stages == ALL_STAGES and world.is_main:
-        from ..report import write_report
+    if world.is_main and (stages == ALL_STAGES or run.report_md.is_file() or run.report_html.is_file()):
+        from ..report import write_report                # a stage re-run alone never leaves a stale report behind
         print(f"report: {write_report(run)}")
     world.barrier()
     return 0
