@@ -13,7 +13,7 @@ reused) for the baselines and variants: `real` (K real images per class with sta
 instead of generated ones, with the config's stage-3 settings: plain self-training), `unweighted` (every
 pseudo-image a full-weight labeled node, no judge), `probe` (stage 3 a logistic regression on labeled +
 pseudo-images, the paper's ImageNet stage 3), and, with --extra for the network learners, stage 1 trained for
-stage 1 + stage 3's iterations (`extra`). `stage3` runs a grid of stage-3 settings (`--weights`, `--filters`,
+stage 1 + stage 3's iterations (`extra`); a variant whose settings equal the run's own stage 3 is left out. `stage3` runs a grid of stage-3 settings (`--weights`, `--filters`,
 `--priors`, `--sources`) on the same run directories.
 
 Each (setting, seed) is its own run directory under --root; finished runs are reused, interrupted ones resume,
@@ -115,6 +115,14 @@ VARIANTS = {"real": ["stage3.pseudo_source=real"],
             "probe": ["stage3.mode=linear-probe", "stage3.pseudo_weight=1"]}
 
 
+def stage3_variants(config: str, sets: list[str]) -> dict[str, list[str]]:
+    """The VARIANTS whose settings change the run's own stage 3 (`config` with `sets`, as `key=value`): one
+    that resolves to the same stage-3 settings is stage 3 itself, so it is neither run nor tabulated."""
+    from dualpseudo.config import load_config
+    own = load_config(config, sets).stage3
+    return {name: vs for name, vs in VARIANTS.items() if load_config(config, [*sets, *vs]).stage3 != own}
+
+
 def _copy_upstream(src: Path, dst: Path) -> None:
     """A run directory holding `src`'s config, encoder, stage 1 and stage 2 (for a stage-3 variant)."""
     import shutil
@@ -133,7 +141,9 @@ def _pct(x) -> str:
 
 def dpt(args) -> None:
     from dualpseudo.config import load_config
-    cfg = load_config(args.config, [kv for kv in args.set if kv != "--set"])
+    sets = [kv for kv in args.set if kv != "--set"]
+    cfg = load_config(args.config, sets)
+    variants = stage3_variants(args.config, sets)
     network_learner = cfg.stage1.learner in ("fixmatch", "freematch", "supervised")
     rows = []
     for seed in args.seeds:
@@ -149,7 +159,7 @@ def dpt(args) -> None:
                "consistency": (ev.get("class_consistency") or {}).get("accuracy"),
                "worst1": min(s1["test"]["per_class_accuracy"]), "worst3": min(s3["test"]["per_class_accuracy"]),
                "kept": (s3.get("filter") or {}).get("kept")}
-        for name, sets in VARIANTS.items():
+        for name, sets in variants.items():
             v = Path(f"{d}-{name}")
             _copy_upstream(d, v)
             run([sys.executable, "-m", "dualpseudo", "stage3", args.config, "--run-dir", str(v), "--force", *common,
