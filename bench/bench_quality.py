@@ -12,7 +12,8 @@
 reused) for the baselines and variants: `real` (K real images per class with stage 1's most confident labels
 instead of generated ones, with the config's stage-3 settings: plain self-training), `unweighted` (every
 pseudo-image a full-weight labeled node, no judge), `probe` (stage 3 a logistic regression on labeled +
-pseudo-images, the paper's ImageNet stage 3), and, with --extra for the network learners, stage 1 trained for
+pseudo-images, the paper's ImageNet stage 3), with `--variants ... both` the generated and the real images
+together, and, with --extra for the network learners, stage 1 trained for
 stage 1 + stage 3's iterations (`extra`); a variant whose settings equal the run's own stage 3 is left out. `stage3` runs a grid of stage-3 settings (`--weights`, `--filters`,
 `--priors`, `--sources`) on the same run directories.
 
@@ -112,15 +113,18 @@ def e2e(args) -> None:
 
 VARIANTS = {"real": ["stage3.pseudo_source=real"],
             "unweighted": ["stage3.pseudo_weight=1", "stage3.filter=none"],
-            "probe": ["stage3.mode=linear-probe", "stage3.pseudo_weight=1"]}
+            "probe": ["stage3.mode=linear-probe", "stage3.pseudo_weight=1"],
+            "both": ["stage3.pseudo_source=both"]}
+DEFAULT_VARIANTS = ("real", "unweighted", "probe")
 
 
-def stage3_variants(config: str, sets: list[str]) -> dict[str, list[str]]:
-    """The VARIANTS whose settings change the run's own stage 3 (`config` with `sets`, as `key=value`): one
-    that resolves to the same stage-3 settings is stage 3 itself, so it is neither run nor tabulated."""
+def stage3_variants(config: str, sets: list[str], names=DEFAULT_VARIANTS) -> dict[str, list[str]]:
+    """The VARIANTS `names` whose settings change the run's own stage 3 (`config` with `sets`, as `key=value`):
+    one that resolves to the same stage-3 settings is stage 3 itself, so it is neither run nor tabulated."""
     from dualpseudo.config import load_config
     own = load_config(config, sets).stage3
-    return {name: vs for name, vs in VARIANTS.items() if load_config(config, [*sets, *vs]).stage3 != own}
+    return {name: VARIANTS[name] for name in names
+            if load_config(config, [*sets, *VARIANTS[name]]).stage3 != own}
 
 
 def _copy_upstream(src: Path, dst: Path) -> None:
@@ -143,7 +147,7 @@ def dpt(args) -> None:
     from dualpseudo.config import load_config
     sets = [kv for kv in args.set if kv != "--set"]
     cfg = load_config(args.config, sets)
-    variants = stage3_variants(args.config, sets)
+    variants = stage3_variants(args.config, sets, args.variants)
     network_learner = cfg.stage1.learner in ("fixmatch", "freematch", "supervised")
     rows = []
     for seed in args.seeds:
@@ -176,6 +180,7 @@ def dpt(args) -> None:
             ("real", "stage 3, real pseudo-labeled images"),
             ("unweighted", "stage 3, every pseudo-image at full weight"),
             ("probe", "stage 3, linear probe on labeled + pseudo-images"),
+            ("both", "stage 3, generated + real pseudo-labeled images"),
             ("extra", "stage 1, stage 3's extra iterations"), ("pool1", "pool acc. stage 1"),
             ("pool3", "pool acc. stage 3"),
             ("worst1", "worst class stage 1"), ("worst3", "worst class stage 3"),
@@ -209,7 +214,7 @@ def stage3_grid(args) -> None:
             for w in args.weights:
                 for f in args.filters:
                     for prior in args.priors:
-                        v = Path(f"{d}-w{w:g}-{f}" + ("-real" if src == "real" else "")
+                        v = Path(f"{d}-w{w:g}-{f}" + ("" if src == "generated" else f"-{src}")
                                  + ("" if prior == "weighted" else f"-prior-{prior}"))
                         _copy_upstream(d, v)
                         run([sys.executable, "-m", "dualpseudo", "stage3", args.config, "--run-dir", str(v),
@@ -240,9 +245,11 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], help="passed to the CLI as --set")
     p.add_argument("--tag", default="", help="suffix of the run directories; required with --set")
     p.add_argument("--extra", action="store_true", help="dpt: also stage 1 with stage 3's extra iterations")
+    p.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=list(VARIANTS),
+                   help="dpt: the stage-3 variants beside the recipe (both: generated + real pseudo-labeled images)")
     p.add_argument("--weights", type=float, nargs="+", default=[1.0], help="stage3: stage3.pseudo_weight values")
-    p.add_argument("--sources", nargs="+", default=["generated"], choices=["generated", "real"],
-                   help="stage3: stage3.pseudo_source values (real: the self-training baseline)")
+    p.add_argument("--sources", nargs="+", default=["generated"], choices=["generated", "real", "both"],
+                   help="stage3: stage3.pseudo_source values (real: the self-training baseline; both: the two)")
     p.add_argument("--filters", nargs="+", default=["none"], choices=["none", "agree", "auto"], help="stage3: filters")
     p.add_argument("--priors", nargs="+", default=["weighted"], choices=["weighted", "real"],
                    help="stage3: stage3.class_prior values")

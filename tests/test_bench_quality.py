@@ -23,3 +23,6 @@ def test_dpt_leaves_out_the_variants_equal_to_the_recipe():
     assert list(bench.stage3_variants(demo, probe)) == ["real"]
     # one setting apart from a variant keeps it
     assert list(bench.stage3_variants(demo, ["stage3.pseudo_weight=1", "stage3.filter=none"])) == ["real", "probe"]
+    # asked for by name, in the order given; a recipe that already takes both sources leaves `both` out
+    assert list(bench.stage3_variants(demo, probe, ["both", "real"])) == ["both", "real"]
+    assert list(bench.stage3_variants(demo, ["stage3.pseudo_source=both"], ["real", "both"])) == ["real"]

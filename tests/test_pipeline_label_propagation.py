@@ -87,6 +87,12 @@ def test_real_pseudo_image_baseline_takes_the_most_confident_real_images(graph_r
     assert read_json(copy / "stage1/manifest.json") == read_json(run / "stage1/manifest.json")   # stage 1 kept
 
 
+def test_both_pseudo_sources_add_the_generated_and_the_real_images(graph_run):
+    _, both = _stage3_variant(graph_run, "both", "stage3.pseudo_source=both")
+    assert both["pseudo_source"] == "both" and both["num_pseudo_images"] == 32 + 32
+    assert both["graph"]["num_nodes"] == 192 + 64
+
+
 @pytest.mark.parametrize("override, key", [
     ("data.synthetic_size=12", "encoder.network"),
     ("graph.k=500", "graph.k"),

@@ -154,8 +154,9 @@ class Stage3Config:
 
     mode: Literal["ssl", "supervised", "linear-probe", "label-propagation"] = "ssl"
     # linear-probe: refit on labeled + pseudo features; label-propagation: pseudo-images join the graph as labeled
-    pseudo_source: Literal["generated", "real"] = added_later("generated")
-    # real: the baseline of plain self-training, K real images per class with stage 1's most confident labels
+    pseudo_source: Literal["generated", "real", "both"] = added_later("generated")
+    # real: the baseline of plain self-training, K real images per class with stage 1's most confident labels;
+    # both: the K generated and the K real images per class together (the filter, when on, judges all of them)
     filter: Literal["none", "agree", "auto"] = added_later("none")
     # agree: keep only the pseudo-images that an independent judge (a logistic regression on linear_probe.encoder
     # features of the labeled images alone, not the classifier that made the labels) puts in their class;

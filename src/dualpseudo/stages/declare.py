@@ -156,7 +156,7 @@ def _stage3_inputs(cfg: ExperimentConfig, up: Upstream, generated: bool = True) 
     """Stage 3's inputs; the baseline (`generated=False`) reads no pseudo-images."""
     return {**({"pseudo_images": up.stage2 / PSEUDO_IMAGES} if generated else {}), "split": up.stage1 / SPLIT,
             **_encoder_input(cfg, up),
-            **({"stage1_labels": up.stage1 / PSEUDO_LABELS} if cfg.stage3.pseudo_source == "real" else {}),
+            **({"stage1_labels": up.stage1 / PSEUDO_LABELS} if cfg.stage3.pseudo_source != "generated" else {}),
             **named_file_inputs(cfg, "stage3")}
 
 

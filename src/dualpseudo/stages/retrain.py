@@ -9,8 +9,9 @@ ImageNet recipe; the unlabeled real images only give the centring mean and recei
 
 `pseudo_source: real` is the baseline that tells what the generator adds: instead of generated images, stage 3
 takes, for every class, the K real unlabeled images that stage 1 labeled that class most confidently (plain
-self-training with the same number of extra labeled images). `filter: agree` keeps only the pseudo-images that
-an independent judge puts in the class they were generated for (`learner.judge_agreement`).
+self-training with the same number of extra labeled images); `pseudo_source: both` takes the generated and the
+real ones together. `filter: agree` keeps only the pseudo-images that an independent judge puts in the class
+they were generated for (`learner.judge_agreement`).
 
 Stage 3 is stage 1's counterpart over the same learner (`learner.fit_and_label`, which writes the
 classifier and the pseudo-labels and returns the metrics): each stage writes its own metrics.json once.
@@ -63,16 +64,19 @@ def run_stage3(cfg: ExperimentConfig, ds: Dataset, labeled_idx: np.ndarray, stag
                feature_cache: Path | None = None, encoder_file: Path | None = None,
                stage1: Path | None = None) -> dict:
     """Fit the classifier on real + pseudo-images (`stage2`'s, or with `pseudo_source: real` the most confident
-    of `stage1`'s pseudo-labels); write and return the metrics, which include the change of test top-1 against
-    stage 1's `baseline_top1` (rank 0; the other ranks return {})."""
+    of `stage1`'s pseudo-labels, or with `both` the two together); write and return the metrics, which include
+    the change of test top-1 against stage 1's `baseline_top1` (rank 0; the other ranks return {})."""
     s3 = cfg.stage3
-    if s3.pseudo_source == "real":
+    xs, ys = [], []
+    if s3.pseudo_source in ("generated", "both"):
+        gen = PseudoImages.load(stage2)
+        xs.append(gen.images), ys.append(gen.labels)
+    if s3.pseudo_source in ("real", "both"):
         pl = PseudoLabels.load(stage1)
         pick = most_confident_real(pl, cfg.stage2.images_per_class, ds.num_classes)
-        x_pseudo, y_pseudo = ds.train_images[pick], pl.label[pick]
-    else:
-        gen = PseudoImages.load(stage2)
-        x_pseudo, y_pseudo = gen.images, gen.labels
+        xs.append(ds.train_images[pick]), ys.append(pl.label[pick])
+    x_pseudo, y_pseudo = ((xs[0], ys[0]) if len(xs) == 1 else
+                          (np.concatenate(xs), np.concatenate([np.asarray(y, dtype=np.int64) for y in ys])))
     kept = None
     rule = filter_rule(s3.filter, ds.train_labels[labeled_idx], ds.num_classes)
     if rule == "agree":                       # rank 0 judges, every rank trains on the same kept images

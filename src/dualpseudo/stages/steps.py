@@ -135,7 +135,7 @@ def build_steps(cfg: ExperimentConfig, run: RunDir, ds: Dataset, stages: tuple[s
         steps.append(_stage2_step(p, r))
         if last >= 2 and not unconditional:
             steps.append(_stage3_step(p, r))
-            if cfg.stage3.baseline and cfg.stage3.pseudo_source == "generated":
+            if cfg.stage3.baseline and cfg.stage3.pseudo_source != "real":
                 steps.append(_baseline_step(p, r))
         if last >= 3:
             steps.append(_evaluation_step(p, r))
