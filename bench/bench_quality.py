@@ -13,9 +13,9 @@ reused) for the baselines and variants: `real` (K real images per class with sta
 instead of generated ones, with the config's stage-3 settings: plain self-training), `unweighted` (every
 pseudo-image a full-weight labeled node, no judge), `probe` (stage 3 a logistic regression on labeled +
 pseudo-images, the paper's ImageNet stage 3), with `--variants ... both` the generated and the real images
-together, and, with --extra for the network learners, stage 1 trained for
-stage 1 + stage 3's iterations (`extra`); a variant whose settings equal the run's own stage 3 is left out. `stage3` runs a grid of stage-3 settings (`--weights`, `--filters`,
-`--priors`, `--sources`) on the same run directories.
+together, and, with --extra for the network learners, stage 1 trained for stage 1 + stage 3's iterations
+(`extra`); a variant whose settings equal the run's own stage 3 is left out. `stage3` runs a grid of stage-3
+settings (`--weights`, `--filters`, `--priors`, `--sources`) on the same run directories.
 
 Each (setting, seed) is its own run directory under --root; finished runs are reused, interrupted ones resume,
 so the command can be stopped and restarted. Stage 1 of the config's own learner runs in the end-to-end run
