@@ -8,14 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from dualpseudo.classify.contrastive import (EncoderFeatures, nt_xent, resized_crop, save_encoder, train_encoder,
-                                             trunk, view)
+from dualpseudo.classify.contrastive import (EncoderFeatures, moco_loss, momentum_update, nt_xent, resized_crop,
+                                             save_encoder, train_encoder, trunk, view)
 from dualpseudo.classify.linear import cached_features
 from dualpseudo.config import EncoderConfig
 from dualpseudo.data.datasets import make_synthetic
 from dualpseudo.distributed import LOCAL
 
 TINY = EncoderConfig(steps=24, batch_size=32, checkpoint_every=6, log_every=6, lr=3e-3)
+# moco with a queue of 96 keys: 64 keys a step, so the queue wraps around within the first checkpoint interval
+OBJECTIVES = {"simclr": TINY, "moco": dataclasses.replace(TINY, objective="moco", queue=96, momentum=0.9)}
 
 
 def _images():
@@ -31,6 +33,29 @@ def test_nt_xent_by_hand():
     assert loss.item() == pytest.approx(math.log(1 + 2 * math.exp(-1 / t)), rel=1e-6)
     with pytest.raises(ValueError):
         nt_xent(torch.zeros(3, 2), t)
+
+
+def test_moco_loss_by_hand():
+    # one image pair per view and one queued key: view 1's query meets its positive (similarity 1/t) and the other
+    # image's key (0) and the queued key (0); view 2's query likewise: each row's loss is log(1 + 2 e^{-1/t})
+    e1, e2, e3 = torch.eye(3)
+    t = 0.5
+    q = torch.stack([e1, e2, e1, e2])                     # views 1 of images 0, 1; views 2 of images 0, 1
+    loss = moco_loss(q, 2 * q, e3[None], t)               # keys: the queries scaled (normalised away)
+    assert loss.item() == pytest.approx(math.log(1 + 2 * math.exp(-1 / t)), rel=1e-6)
+    # the queued key equal to a positive is a negative as hard as the positive: log(2 + 1 e^{-1/t}) per row
+    assert moco_loss(q, q, e1[None], t).item() == pytest.approx(
+        0.5 * (math.log(2 + math.exp(-1 / t)) + math.log(1 + 2 * math.exp(-1 / t))), rel=1e-6)
+    with pytest.raises(ValueError):
+        moco_loss(torch.zeros(2, 3), torch.zeros(2, 3), e3[None], t)
+
+
+def test_momentum_update_moves_parameters_and_copies_buffers():
+    model, key = torch.nn.BatchNorm1d(2), torch.nn.BatchNorm1d(2)
+    with torch.no_grad():
+        model.weight.fill_(3.0), key.weight.fill_(1.0), model.running_mean.fill_(5.0)
+    momentum_update(key, model, 0.75)
+    assert torch.allclose(key.weight, torch.full((2,), 1.5)) and torch.equal(key.running_mean, model.running_mean)
 
 
 def test_views_keep_shape_and_range_and_are_seeded():
@@ -50,22 +75,24 @@ def test_trunks_give_pooled_features_of_their_width(network, dim):
         trunk(network, 1, 8)
 
 
-def test_encoder_loss_falls(tmp_path):
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_encoder_loss_falls(tmp_path, objective):
     images = _images()
-    cfg = dataclasses.replace(TINY, steps=60, log_every=10)
+    cfg = dataclasses.replace(OBJECTIVES[objective], steps=60, log_every=10)
     train_encoder(cfg, images, tmp_path, hflip=False, device="cpu", precision="fp32", seed=0, progress=False,
                   world=LOCAL)
     losses = [json.loads(l)["loss"] for l in (tmp_path / "stats.jsonl").read_text().splitlines()]
     assert len(losses) == 6 and losses[-1] < losses[0] - 0.2, losses
 
 
-def test_encoder_resume_is_exact(tmp_path):
-    images = _images()
-    straight = train_encoder(TINY, images, tmp_path / "a", hflip=False, device="cpu", precision="fp32", seed=0,
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_encoder_resume_is_exact(tmp_path, objective):
+    images, cfg = _images(), OBJECTIVES[objective]
+    straight = train_encoder(cfg, images, tmp_path / "a", hflip=False, device="cpu", precision="fp32", seed=0,
                              progress=False, world=LOCAL)
-    train_encoder(TINY, images, tmp_path / "b", hflip=False, device="cpu", precision="fp32", seed=0,
+    train_encoder(cfg, images, tmp_path / "b", hflip=False, device="cpu", precision="fp32", seed=0,
                   stop_at=12, progress=False, world=LOCAL)
-    resumed = train_encoder(TINY, images, tmp_path / "b", hflip=False, device="cpu", precision="fp32", seed=0,
+    resumed = train_encoder(cfg, images, tmp_path / "b", hflip=False, device="cpu", precision="fp32", seed=0,
                             progress=False, world=LOCAL)
     for (k, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), k

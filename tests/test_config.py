@@ -36,6 +36,9 @@ def test_override_sets_nested_value_with_yaml_types():
     ("data.labels_per_class=-1", "data.labels_per_class"),
     ("stage2.p_uncond=1.5", "stage2.p_uncond"),
     ("runtime.precision=int8", "runtime.precision"),
+    ("encoder.objective=byol", "encoder.objective"),
+    ("encoder.momentum=1", "encoder.momentum"),
+    ("encoder.queue=-1", "encoder.queue"),
     ("stage1.iterations", "key.sub=value"),
 ])
 def test_bad_values_name_the_key(override, needle):

@@ -207,13 +207,15 @@ class EncoderConfig:
     encoder. Left out of stage hashes otherwise.
     """
 
-    objective: Literal["simclr"] = "simclr"
+    objective: Literal["simclr", "moco"] = "simclr"  # moco: keys from a momentum copy, a queue of past keys
     network: str = "cnn_small"                        # a classifier trunk (classify.networks, `fc` removed)
     steps: int = 2000
     batch_size: int = 256                             # images per step (two views each)
     lr: float = 2e-3                                  # AdamW, 5 % linear warm-up, cosine decay
     weight_decay: float = 1e-4
     temperature: float = 0.2                          # NT-Xent temperature
+    momentum: float = added_later(0.99)               # objective moco: EMA of the key encoder
+    queue: int = added_later(16384)                   # objective moco: past keys kept as extra negatives
     proj_dim: int = 128                               # projection head output (training only)
     crop_min: float = 0.3                             # random resized crop: smallest area fraction
     randaugment_ops: int = 2
@@ -356,6 +358,8 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "encoder.lr": (lambda v: v > 0, "> 0"),
     "encoder.weight_decay": (lambda v: v >= 0, ">= 0"),
     "encoder.temperature": (lambda v: v > 0, "> 0"),
+    "encoder.momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "encoder.queue": (lambda v: v >= 0, ">= 0 (0: in-batch keys only)"),
     "encoder.proj_dim": (lambda v: v > 0, "> 0"),
     "encoder.crop_min": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "encoder.randaugment_ops": (lambda v: v >= 0, ">= 0"),

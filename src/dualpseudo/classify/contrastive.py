@@ -14,12 +14,22 @@ asymmetry tricks; DINO/MSN need many prototypes and temperature schedules), and 
 few thousand small-batch steps. Views are a random resized crop followed by FixMatch's strong augmentation
 (`augment.strong`: RandAugment and Cutout), so the batched on-device augmentation is shared with stage 1.
 
-Training resumes exactly from `state.pt` (weights, optimizer, augmentation generator, step): the batch order is
-a pure function of (seed, step). With several processes each rank contrasts its own share of the batch
+`encoder.objective: moco` (He et al., CVPR 2020; Chen et al., 2020) keeps the views and the trunk but takes the
+keys from a momentum (EMA) copy of the model and adds a queue of past keys to the negatives:
+
+    loss = mean over both views of CE( [q . k_batch, q . queue] / t, the image's own key in the other view ),
+
+with the other images' keys of the same batch among the negatives (so the positive shares its batch statistics
+with negatives, and BatchNorm cannot tell it apart; no shuffled BN needed on one device). Small batches get many
+negatives without SimCLR's large-batch cost.
+
+Training resumes exactly from `state.pt` (weights, optimizer, augmentation generator, step; with moco the key
+model and the queue too): the batch order is a pure function of (seed, step). With several processes each rank contrasts its own share of the batch
 (negatives are the rank's own images) and DDP averages the gradients.
 """
 from __future__ import annotations
 
+import copy
 import math
 import time
 from pathlib import Path
@@ -80,6 +90,31 @@ def nt_xent(z: torch.Tensor, temperature: float) -> torch.Tensor:
     return F.cross_entropy(sim, positive)
 
 
+def moco_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Contrastive loss of queries q (2B, P) against momentum keys k (2B, P) and queued keys (Q, P), a scalar.
+
+    Rows i and i + B are the two views of image i; each view's query has the other view's key of its image as the
+    positive, the other images' keys of that view and the queue as negatives. `queue` holds unit vectors."""
+    n = len(q)
+    if n % 2 or n < 4:
+        raise ValueError(f"moco_loss needs an even number >= 4 of projections, got {n}")
+    b = n // 2
+    q, k = F.normalize(q.float(), dim=1), F.normalize(k.float(), dim=1)
+    other = torch.cat([k[b:], k[:b]])                                       # each row's key in the other view
+    keys = torch.cat([other[:b], queue]), torch.cat([other[b:], queue])     # (B + Q, P) for each view's queries
+    target = torch.arange(b, device=q.device)
+    return 0.5 * sum(F.cross_entropy(qv @ kv.T / temperature, target) for qv, kv in zip((q[:b], q[b:]), keys))
+
+
+@torch.no_grad()
+def momentum_update(key_model: nn.Module, model: nn.Module, momentum: float) -> None:
+    """key <- momentum * key + (1 - momentum) * model for parameters; buffers (BN statistics) copied."""
+    for pk, p in zip(key_model.parameters(), model.parameters()):
+        pk.lerp_(p.detach(), 1 - momentum)
+    for bk, b in zip(key_model.buffers(), model.buffers()):
+        bk.copy_(b)
+
+
 def resized_crop(x: torch.Tensor, generator: torch.Generator, scale: tuple[float, float]) -> torch.Tensor:
     """Random resized crop: area fraction U(scale), aspect log-uniform in [3/4, 4/3], back to full size.
 
@@ -131,6 +166,10 @@ def train_encoder(cfg: EncoderConfig, images: np.ndarray, out_dir: str | Path, *
         torch.manual_seed(seed)
         model = ContrastiveModel(cfg.network, C, H, cfg.proj_dim)
     model = model.to(device, memory_format=torch.channels_last).train()
+    moco = cfg.objective == "moco"
+    key_model = copy.deepcopy(model).requires_grad_(False) if moco else None   # train mode: batch statistics
+    queue = torch.zeros(cfg.queue if moco else 0, cfg.proj_dim, device=device)  # rows read once written
+    queued = 0                                                                  # keys written so far (host int)
     forward = world.wrap(model, device)
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
     gen = torch.Generator(device=device).manual_seed(seed + 31 + 1_000_003 * world.rank)
@@ -138,9 +177,14 @@ def train_encoder(cfg: EncoderConfig, images: np.ndarray, out_dir: str | Path, *
     state_path, stats_path = out_dir / STATE, out_dir / STATS
 
     def restore(state: dict) -> int:
+        nonlocal queued
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         restore_generator(gen, state["rng"], world)
+        if moco:
+            key_model.load_state_dict(state["key_model"])
+            queue.copy_(state["queue"])
+            queued = int(state["queued"])
         return int(state["step"])
 
     step = load_training_state(state_path, key, restore, what="encoder", differs="other encoder settings or images",
@@ -151,8 +195,10 @@ def train_encoder(cfg: EncoderConfig, images: np.ndarray, out_dir: str | Path, *
 
     def checkpoint() -> None:
         guard.check_weights(model, at=f"after step {step}")      # a saved state always holds finite weights
+        extra = {"key_model": key_model.state_dict(), "queue": queue, "queued": queued} if moco else {}
         save_training_state(state_path, {"step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                                         "rng": generator_states(gen, world), "resume_key": key}, world=world)
+                                         "rng": generator_states(gen, world), "resume_key": key, **extra},
+                            world=world)
         guard.saved(step)
 
     # training loop
@@ -160,7 +206,7 @@ def train_encoder(cfg: EncoderConfig, images: np.ndarray, out_dir: str | Path, *
     end = total if stop_at is None else min(total, stop_at)
     warmup = max(1, int(0.05 * total))
     t_log, window = time.time(), []
-    with tqdm(total=total, initial=step, disable=not progress or not world.is_main, desc="encoder simclr",
+    with tqdm(total=total, initial=step, disable=not progress or not world.is_main, desc=f"encoder {cfg.objective}",
               dynamic_ncols=True) as bar:
         while step < end:
             lr = cfg.lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / total))
@@ -168,13 +214,25 @@ def train_encoder(cfg: EncoderConfig, images: np.ndarray, out_dir: str | Path, *
                 g["lr"] = lr
             x = to_float(data[sampler.batch(step)[part].to(device)])                   # (B, C, H, W)
             inputs = torch.cat([view(x, gen, cfg, hflip), view(x, gen, cfg, hflip)])   # (2B, C, H, W)
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
             with autocast(device, precision):
-                z = forward(inputs.contiguous(memory_format=torch.channels_last))
-            loss = nt_xent(z, cfg.temperature)
+                z = forward(inputs)
+            if moco:
+                with torch.no_grad(), autocast(device, precision):
+                    k = F.normalize(key_model(inputs).float(), dim=1)
+                loss = moco_loss(z, k, queue[:min(queued, len(queue))], cfg.temperature)
+            else:
+                loss = nt_xent(z, cfg.temperature)
             guard.check(loss, f"loss at step {step}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if moco:
+                momentum_update(key_model, model, cfg.momentum)
+                if len(queue):
+                    new = k[-len(queue):]                             # a batch larger than the queue: its last keys
+                    queue[(queued + torch.arange(len(new), device=device)) % len(queue)] = new
+                    queued += len(new)
             step += 1
             bar.update(1)
             window.append(loss.detach())
