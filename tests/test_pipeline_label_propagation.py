@@ -49,6 +49,17 @@ def test_another_split_reuses_the_shared_encoder(graph_run, capsys):
     assert not (other / "report.html").exists()          # a stage alone writes a report only where one exists
 
 
+def test_a_moco_encoder_is_its_own_shared_encoder_and_labels_stage1(graph_run):
+    run, base = graph_run
+    other = stage1_beside(base, "moco", "encoder.objective=moco", "encoder.queue=64")
+    summary = read_json(other / "encoder/manifest.json")["summary"]
+    assert summary["reused_shared"] is False and summary["key"] != read_json(run / "encoder/manifest.json")["summary"]["key"]
+    from dualpseudo.classify.contrastive import load_encoder
+    assert load_encoder(other / "encoder/encoder.safetensors")[1]["objective"] == "moco"
+    m1 = read_json(other / "stage1/metrics.json")
+    assert m1["learner"] == "label-propagation" and m1["test"]["top1"] > 0.5
+
+
 def test_an_encoder_setting_reruns_the_encoder_and_both_classifiers(graph_run, capsys):
     run, base = graph_run
     capsys.readouterr()
