@@ -24,8 +24,9 @@ with negatives, and BatchNorm cannot tell it apart; no shuffled BN needed on one
 negatives without SimCLR's large-batch cost.
 
 Training resumes exactly from `state.pt` (weights, optimizer, augmentation generator, step; with moco the key
-model and the queue too): the batch order is a pure function of (seed, step). With several processes each rank contrasts its own share of the batch
-(negatives are the rank's own images) and DDP averages the gradients.
+model and the queue too): the batch order is a pure function of (seed, step). With several processes each rank
+contrasts its own share of the batch (negatives are the rank's own images and keys) and DDP averages the
+gradients.
 """
 from __future__ import annotations
 
