@@ -52,8 +52,8 @@ def test_another_split_reuses_the_shared_encoder(graph_run, capsys):
 def test_a_moco_encoder_is_its_own_shared_encoder_and_labels_stage1(graph_run):
     run, base = graph_run
     other = stage1_beside(base, "moco", "encoder.objective=moco", "encoder.queue=64")
-    summary = read_json(other / "encoder/manifest.json")["summary"]
-    assert summary["reused_shared"] is False and summary["key"] != read_json(run / "encoder/manifest.json")["summary"]["key"]
+    summary, demo = (read_json(d / "encoder/manifest.json")["summary"] for d in (other, run))
+    assert summary["reused_shared"] is False and summary["key"] != demo["key"]
     from dualpseudo.classify.contrastive import load_encoder
     assert load_encoder(other / "encoder/encoder.safetensors")[1]["objective"] == "moco"
     m1 = read_json(other / "stage1/metrics.json")
