@@ -43,7 +43,7 @@ def test_moco_loss_by_hand():
     q = torch.stack([e1, e2, e1, e2])                     # views 1 of images 0, 1; views 2 of images 0, 1
     loss = moco_loss(q, 2 * q, e3[None], t)               # keys: the queries scaled (normalised away)
     assert loss.item() == pytest.approx(math.log(1 + 2 * math.exp(-1 / t)), rel=1e-6)
-    # the queued key equal to a positive is a negative as hard as the positive: log(2 + 1 e^{-1/t}) per row
+    # a queued key equal to image 0's positive: image 0's rows lose log(2 + e^{-1/t}), image 1's log(1 + 2 e^{-1/t})
     assert moco_loss(q, q, e1[None], t).item() == pytest.approx(
         0.5 * (math.log(2 + math.exp(-1 / t)) + math.log(1 + 2 * math.exp(-1 / t))), rel=1e-6)
     with pytest.raises(ValueError):
