@@ -25,6 +25,11 @@ image is embedded once and labeled by each variant below; the table gives the ac
 - `self-train`: the encoder fine-tuned for `--self-train-steps` AdamW steps (batches of 256, weak augmentation)
   with a linear head on the graph's labels (Iscen et al., CVPR 2019: each image weighed by 1 - its normalised
   entropy, each class by the inverse of its size), then the graph again on the fine-tuned features;
+- `fine-tuned on generated pseudo-images` (with `--pseudo-train-steps N`, on run directories with stage 2 done):
+  the encoder fine-tuned for N steps as in `self-train`, on the labeled images and the run's pseudo-images with
+  the labels they were generated for, then the graph (real labels only) on the fine-tuned features: the generator
+  reaching stage 1 through the metric of the graph rather than as nodes of it. `fine-tuned on real pseudo-images`
+  is its baseline at equal compute: the same with as many of stage 1's most confident real images per class;
 - `ceiling: ...` (with `--ceiling`): the same features with **every** training label, test top-1 of a logistic
   regression and of a 10-nearest-neighbour vote on the whitened features. A diagnostic of what the features
   separate, not a learner; the test split chooses nothing here.
@@ -212,6 +217,45 @@ def self_train(p: Problem, scores: torch.Tensor, steps: int, seed: int = 0) -> n
     return p.features(net, p.ds.train_images)
 
 
+def fine_tune(p: Problem, images: np.ndarray, labels: np.ndarray, steps: int, seed: int = 0) -> np.ndarray:
+    """Fine-tune the encoder with a linear head on labeled `images` (uint8 (M, H, W, C)), each weighed alike, as
+    `self_train` does (weak augmentation, AdamW, one cycle); return its new features of the training images."""
+    encoder = EncoderFeatures(p.encoder_file)
+    net = encoder.net
+    model = nn.Sequential(net, nn.Linear(int(encoder.meta["feature_dim"]), p.C)).to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW([{"params": net.parameters(), "lr": 5e-4},
+                             {"params": model[1].parameters(), "lr": 5e-3}], weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[5e-4, 5e-3], total_steps=steps, pct_start=0.05)
+    gen = torch.Generator().manual_seed(seed)
+    x_all, y_all = torch.from_numpy(images), torch.as_tensor(labels, dtype=torch.int64)
+    model.train()
+    for _ in range(steps):
+        i = torch.randint(0, len(x_all), (256,), generator=gen)
+        x = augment.weak(to_float(x_all[i].permute(0, 3, 1, 2)), gen, p.cfg.data.hflip)
+        with autocast(x.device, p.cfg.runtime.precision):
+            logits = model(x.contiguous(memory_format=torch.channels_last)).float()
+        loss = F.cross_entropy(logits, y_all[i])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    return p.features(net, p.ds.train_images)
+
+
+def pseudo_train_sets(p: Problem, run: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The labeled images plus, for `generated`, the run's stage-2 pseudo-images (their conditioning labels), or
+    for `real`, as many of stage 1's most confident pseudo-labeled real images per class (self-training)."""
+    from dualpseudo.stages.files import PseudoImages, PseudoLabels
+    from dualpseudo.stages.retrain import most_confident_real
+    gen = PseudoImages.load(run / "stage2")
+    per_class = int(np.bincount(gen.labels, minlength=p.C).max())
+    pick = most_confident_real(PseudoLabels.load(run / "stage1"), per_class, p.C)
+    pl = PseudoLabels.load(run / "stage1").label
+    x_lb, y_lb = p.ds.train_images[p.labeled], p.y[p.labeled]
+    return {"generated": (np.concatenate([x_lb, gen.images]), np.concatenate([y_lb, gen.labels])),
+            "real": (np.concatenate([x_lb, p.ds.train_images[pick]]), np.concatenate([y_lb, pl[pick]]))}
+
+
 def ceiling(p: Problem, feats: np.ndarray, net: nn.Module) -> dict[str, float]:
     """Test top-1 (%) with every training label: logistic regression, and a 10-NN vote on whitened features."""
     test = p.features(net, p.ds.test_images)
@@ -259,6 +303,10 @@ def bench_run(run: Path, args) -> dict[str, float]:
         acc[f"mbo mu={mu:g}"] = p.accuracy(poisson_mbo(p, feats, mu))
     if args.self_train_steps:
         acc["self-train"] = p.accuracy(p.scores(self_train(p, base, args.self_train_steps)))
+    if args.pseudo_train_steps:
+        for source, (x, y) in pseudo_train_sets(p, run).items():
+            acc[f"fine-tuned on {source} pseudo-images"] = p.accuracy(
+                p.scores(fine_tune(p, x, y, args.pseudo_train_steps)))
     if args.ceiling:
         acc |= ceiling(p, feats, net)
     print(f"{run.name}: {time.time() - t:.0f} s", file=sys.stderr)
@@ -277,6 +325,9 @@ def main() -> None:
                    help="within-class whitening on the graph's confident labels, these shrinkage weights")
     p.add_argument("--mbo", type=float, nargs="*", default=[1.0, 100.0], help="Poisson-MBO source weights")
     p.add_argument("--self-train-steps", type=int, default=1000, help="0: leave the self-training variant out")
+    p.add_argument("--pseudo-train-steps", type=int, default=0,
+                   help="fine-tune the encoder this many steps on the labeled images plus the run's pseudo-images "
+                        "(and, as the baseline, as many confident real ones per class); needs stage 2 (0: off)")
     p.add_argument("--ceiling", action="store_true", help="add the every-label test top-1 rows")
     args = p.parse_args()
     torch.manual_seed(0)

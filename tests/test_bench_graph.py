@@ -22,7 +22,7 @@ def test_bench_graph_reproduces_stage1_and_runs_every_variant(graph_run):
     run, _ = graph_run
     bench = _bench_graph()
     args = argparse.Namespace(k=[3], views=["flip", "shift"], feats=list(bench.POOLS), labeled_views=2, wccn=[0.5],
-                              mbo=[1.0], self_train_steps=2, ceiling=True)
+                              mbo=[1.0], self_train_steps=2, pseudo_train_steps=2, ceiling=True)
     acc = bench.bench_run(run, args)
     stage1 = read_json(run / "stage1/metrics.json")["pseudo_labels"]
     pool = stage1["num_images"]
@@ -30,6 +30,7 @@ def test_bench_graph_reproduces_stage1_and_runs_every_variant(graph_run):
     assert acc["demo"] == pytest.approx(100 * stage1["accuracy"], abs=100 / pool + 1e-9)
     assert set(acc) == {"demo", "k=3", "views=flip", "views=shift", "feats=2x2", "feats=l3+l4", "labeled views=2",
                         "within-class whitened, shrink=0.5", "mbo mu=1", "self-train",
+                        "fine-tuned on generated pseudo-images", "fine-tuned on real pseudo-images",
                         "ceiling: logistic regression, every label (test top-1)",
                         "ceiling: 10-NN vote, every label (test top-1)"}
     # every pool accuracy is a whole number of the pool's images
@@ -46,6 +47,28 @@ def test_bench_graph_reproduces_stage1_and_runs_every_variant(graph_run):
     assert np.isfinite(scores.numpy()).all()
 
 
+def test_the_pseudo_training_sets_are_the_labeled_images_plus_as_many_per_class(graph_run):
+    """The generated set adds the run's pseudo-images with the labels they were drawn for; its baseline adds as
+    many real images per class, stage 1's most confident ones, with their pseudo-labels."""
+    run, _ = graph_run
+    bench = _bench_graph()
+    problem = bench.Problem(run)
+    sets = bench.pseudo_train_sets(problem, run)
+    gen = np.load(run / "stage2/pseudo_images.npz")
+    pl = np.load(run / "stage1/pseudo_labels.npz")
+    n_lb = len(problem.labeled)
+    for source, (x, y) in sets.items():
+        assert len(x) == len(y) == n_lb + len(gen["labels"]), source
+        assert (x[:n_lb] == problem.ds.train_images[problem.labeled]).all() and (y[:n_lb] == problem.y[problem.labeled]).all()
+        assert (np.bincount(y[n_lb:], minlength=problem.C) == np.bincount(gen["labels"], minlength=problem.C)).all()
+    assert (sets["generated"][0][n_lb:] == gen["images"]).all()
+    # the real images: unlabeled ones, each carrying its stage-1 pseudo-label
+    x_real, y_real = sets["real"]
+    matches = [np.flatnonzero((problem.ds.train_images == img).all(axis=(1, 2, 3))) for img in x_real[n_lb:]]
+    assert all(len(m) >= 1 and not pl["is_labeled"][m[0]] and pl["label"][m[0]] == y for m, y in
+               zip(matches, y_real[n_lb:]))
+
+
 def test_bench_graph_reads_the_trunk_as_a_mirror_run_does(graph_run):
     """With `linear_probe.mirror: true` the bench's features are the pipeline's: its `demo` row reproduces that
     stage 1, and averaging those features over the mirror again changes nothing."""
@@ -53,7 +76,7 @@ def test_bench_graph_reads_the_trunk_as_a_mirror_run_does(graph_run):
     other = stage1_beside(base, "mirror", "linear_probe.mirror=true")
     bench = _bench_graph()
     args = argparse.Namespace(k=[], views=["flip"], feats=[], labeled_views=0, wccn=[], mbo=[], self_train_steps=0,
-                              ceiling=False)
+                              pseudo_train_steps=0, ceiling=False)
     acc = bench.bench_run(other, args)
     stage1 = read_json(other / "stage1/metrics.json")["pseudo_labels"]
     assert acc["demo"] == pytest.approx(100 * stage1["accuracy"], abs=100 / stage1["num_images"] + 1e-9)
