@@ -98,6 +98,25 @@ def test_real_pseudo_image_baseline_takes_the_most_confident_real_images(graph_r
     assert read_json(copy / "stage1/manifest.json") == read_json(run / "stage1/manifest.json")   # stage 1 kept
 
 
+def test_stage3_alone_with_real_pseudo_images_trains_no_generator(graph_run, capsys):
+    run, base = graph_run
+    other = stage1_beside(base, "real-alone", "stage3.pseudo_source=real")
+    capsys.readouterr()
+    args = ["stage3", SMOKE_GRAPH, "--run-dir", str(other), "--set", "stage3.pseudo_source=real",
+            "--set", f"evaluation.cache_dir={base / 'cache'}"]
+    assert main([*args, "--dry-run"]) == 0
+    plan = capsys.readouterr().out.split("plan for")[1]
+    assert "stage3" in plan and "stage2" not in plan
+    assert main(args) == 0
+    assert not (other / "stage2").exists()
+    m3 = read_json(other / "stage3/metrics.json")
+    assert m3["pseudo_source"] == "real" and m3["num_pseudo_images"] == 32
+    assert "pseudo_images" not in read_json(other / "stage3/manifest.json")["inputs"]
+    # the same stage 3 as in a run that trained the generator: the baseline does not depend on it
+    _, beside = _stage3_variant(graph_run, "real-after-generator", "stage3.pseudo_source=real")
+    assert m3["test"]["top1"] == beside["test"]["top1"]
+
+
 def test_both_pseudo_sources_add_the_generated_and_the_real_images(graph_run):
     _, both = _stage3_variant(graph_run, "both", "stage3.pseudo_source=both")
     assert both["pseudo_source"] == "both" and both["num_pseudo_images"] == 32 + 32

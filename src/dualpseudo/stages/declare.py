@@ -152,8 +152,9 @@ def _stage2_inputs(cfg: ExperimentConfig, up: Upstream) -> dict:
     return {**labels, **named_file_inputs(cfg, "stage2")}
 
 
-def _stage3_inputs(cfg: ExperimentConfig, up: Upstream, generated: bool = True) -> dict:
-    """Stage 3's inputs; the baseline (`generated=False`) reads no pseudo-images."""
+def _stage3_inputs(cfg: ExperimentConfig, up: Upstream) -> dict:
+    """Stage 3's inputs; with `pseudo_source: real` (the self-training baseline) it reads no pseudo-images."""
+    generated = cfg.stage3.pseudo_source != "real"
     return {**({"pseudo_images": up.stage2 / PSEUDO_IMAGES} if generated else {}), "split": up.stage1 / SPLIT,
             **_encoder_input(cfg, up),
             **({"stage1_labels": up.stage1 / PSEUDO_LABELS} if cfg.stage3.pseudo_source != "generated" else {}),
@@ -184,7 +185,7 @@ STAGE3 = Declaration("stage3", lambda cfg: {"stage3": replace(cfg.stage3, baseli
                      writes=files.STAGE3_OUTPUTS, inputs=_stage3_inputs)
 STAGE3_BASELINE = Declaration("stage3-baseline", lambda cfg: STAGE3.reads(baseline_config(cfg)),
                               writes=files.STAGE3_OUTPUTS,
-                              inputs=lambda cfg, up: _stage3_inputs(baseline_config(cfg), up, generated=False))
+                              inputs=lambda cfg, up: _stage3_inputs(baseline_config(cfg), up))
 EVALUATION = Declaration("evaluation", lambda cfg: {"evaluation": cfg.evaluation}, writes=files.EVALUATION_OUTPUTS,
                          inputs=_evaluation_inputs, resumable=())
 
