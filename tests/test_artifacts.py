@@ -59,13 +59,14 @@ def test_signal_during_torch_save_lands_after_the_file(tmp_path, signum):
     def interrupt(signum_, frame):
         raise KeyboardInterrupt(signum_)
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    # the signal's own raising handler: a test runner started in the background inherits SIGINT ignored
+    previous = signal.signal(signum, interrupt)
     try:
         with pytest.raises(KeyboardInterrupt):
             A.atomic_write(path, lambda f: torch.save({"w": torch.arange(100_000)}, Signalling(f)))
-        assert signal.getsignal(signal.SIGTERM) is interrupt                    # the handler is put back
+        assert signal.getsignal(signum) is interrupt                            # the handler is put back
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signum, previous)
     assert torch.equal(A.load_torch(path)["w"], torch.arange(100_000))
     assert os.listdir(tmp_path) == ["state.pt"]
 
