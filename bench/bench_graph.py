@@ -249,11 +249,11 @@ def pseudo_train_sets(p: Problem, run: Path) -> dict[str, tuple[np.ndarray, np.n
     from dualpseudo.stages.retrain import most_confident_real
     gen = PseudoImages.load(run / "stage2")
     per_class = int(np.bincount(gen.labels, minlength=p.C).max())
-    pick = most_confident_real(PseudoLabels.load(run / "stage1"), per_class, p.C)
-    pl = PseudoLabels.load(run / "stage1").label
+    stage1 = PseudoLabels.load(run / "stage1")
+    pick = most_confident_real(stage1, per_class, p.C)
     x_lb, y_lb = p.ds.train_images[p.labeled], p.y[p.labeled]
     return {"generated": (np.concatenate([x_lb, gen.images]), np.concatenate([y_lb, gen.labels])),
-            "real": (np.concatenate([x_lb, p.ds.train_images[pick]]), np.concatenate([y_lb, pl[pick]]))}
+            "real": (np.concatenate([x_lb, p.ds.train_images[pick]]), np.concatenate([y_lb, stage1.label[pick]]))}
 
 
 def ceiling(p: Problem, feats: np.ndarray, net: nn.Module) -> dict[str, float]:
