@@ -195,31 +195,14 @@ def self_train(p: Problem, scores: torch.Tensor, steps: int, seed: int = 0) -> n
     certainty[p.labeled] = 1.0
     class_w = len(label) / (p.C * np.bincount(label, minlength=p.C).clip(min=1))
     weight = torch.as_tensor(certainty * class_w[label], dtype=torch.float32)
-    encoder = EncoderFeatures(p.encoder_file)
-    net = encoder.net
-    model = nn.Sequential(net, nn.Linear(int(encoder.meta["feature_dim"]), p.C)).to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW([{"params": net.parameters(), "lr": 5e-4},
-                             {"params": model[1].parameters(), "lr": 5e-3}], weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[5e-4, 5e-3], total_steps=steps, pct_start=0.05)
-    gen = torch.Generator().manual_seed(seed)
-    images, targets = torch.from_numpy(p.ds.train_images), torch.as_tensor(label)
-    model.train()
-    for _ in range(steps):
-        i = torch.randint(0, len(images), (256,), generator=gen)
-        x = augment.weak(to_float(images[i].permute(0, 3, 1, 2)), gen, p.cfg.data.hflip)
-        with autocast(x.device, p.cfg.runtime.precision):
-            logits = model(x).float()
-        loss = (F.cross_entropy(logits, targets[i], reduction="none") * weight[i]).sum() / weight[i].sum()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-    return p.features(net, p.ds.train_images)
+    return fine_tune(p, p.ds.train_images, label, steps, seed, weight=weight)
 
 
-def fine_tune(p: Problem, images: np.ndarray, labels: np.ndarray, steps: int, seed: int = 0) -> np.ndarray:
-    """Fine-tune the encoder with a linear head on labeled `images` (uint8 (M, H, W, C)), each weighed alike, as
-    `self_train` does (weak augmentation, AdamW, one cycle); return its new features of the training images."""
+def fine_tune(p: Problem, images: np.ndarray, labels: np.ndarray, steps: int, seed: int = 0,
+              weight: torch.Tensor | None = None) -> np.ndarray:
+    """Fine-tune the encoder with a linear head on labeled `images` (uint8 (M, H, W, C)) for `steps` AdamW steps
+    (batches of 256, weak augmentation, one cycle), each image weighed alike or by `weight` (M,); return its new
+    features of the training images."""
     encoder = EncoderFeatures(p.encoder_file)
     net = encoder.net
     model = nn.Sequential(net, nn.Linear(int(encoder.meta["feature_dim"]), p.C)).to(memory_format=torch.channels_last)
@@ -234,7 +217,8 @@ def fine_tune(p: Problem, images: np.ndarray, labels: np.ndarray, steps: int, se
         x = augment.weak(to_float(x_all[i].permute(0, 3, 1, 2)), gen, p.cfg.data.hflip)
         with autocast(x.device, p.cfg.runtime.precision):
             logits = model(x.contiguous(memory_format=torch.channels_last)).float()
-        loss = F.cross_entropy(logits, y_all[i])
+        loss = (F.cross_entropy(logits, y_all[i]) if weight is None else
+                (F.cross_entropy(logits, y_all[i], reduction="none") * weight[i]).sum() / weight[i].sum())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
