@@ -131,8 +131,9 @@ def build_steps(cfg: ExperimentConfig, run: RunDir, ds: Dataset, stages: tuple[s
     steps = ([_encoder_step(p)] if p.encoder_file else []) + [_stage1_step(p)]
     if last < 1:
         return steps
-    # stage 3 alone with real pseudo-labeled images (the self-training baseline) reads no pseudo-images
-    no_generator = last == 2 and rounds == 1 and cfg.stage3.pseudo_source == "real"
+    # stage 3 with real pseudo-labeled images (the self-training baseline) reads no pseudo-images: stage 2 runs
+    # only when asked for (or for the evaluation, which judges them)
+    no_generator = last == 2 and "stage2" not in stages and cfg.stage3.pseudo_source == "real"
     for r in range(1, rounds + 1):
         if not no_generator:
             steps.append(_stage2_step(p, r))
