@@ -4,6 +4,7 @@ VENV     := .venv
 BIN      := $(VENV)/bin
 RUN_DIR  ?= runs/demo
 CONFIG   ?= configs/fashion_mnist.yaml
+ARGS     ?=
 # tcmalloc makes training ~1.2x faster; found when each command runs (the `tcmalloc` target may install it)
 TCMALLOC := /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 /usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4
 FAST     := LD_PRELOAD=$$(ls $(TCMALLOC) 2>/dev/null | head -n 1)
@@ -32,7 +33,7 @@ data: $(BIN)/.installed
 
 demo: $(BIN)/.installed tcmalloc
 	@root=$$($(BIN)/python -m dualpseudo.data.download data/fashion-mnist | tail -n 1) && \
-	$(FAST) $(BIN)/dualpseudo run $(CONFIG) --set data.root=$$root --run-dir $(RUN_DIR)
+	$(FAST) $(BIN)/dualpseudo run $(CONFIG) --set data.root=$$root --run-dir $(RUN_DIR) $(ARGS)
 
 test: $(BIN)/.installed tcmalloc
 	$(FAST) $(BIN)/python -m pytest -q
