@@ -166,8 +166,6 @@ def _geometry(files: list[Path], image_size: int, channels: int) -> tuple[int, s
 
 def load_pool(cfg, cache: Path | None = None) -> Dataset:
     """The `pool` data source (module docstring): unlabeled images + a labels file (+ optional test folders)."""
-    from .datasets import _load_folder
-
     root = Path(cfg.root).expanduser()
     if not cfg.labels_file:
         raise DataError("data.name=pool needs data.labels_file: a CSV (path,label) or JSON file of the labeled "
