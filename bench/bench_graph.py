@@ -30,6 +30,15 @@ image is embedded once and labeled by each variant below; the table gives the ac
   the labels they were generated for, then the graph (real labels only) on the fine-tuned features: the generator
   reaching stage 1 through the metric of the graph rather than as nodes of it. `fine-tuned on real pseudo-images`
   is its baseline at equal compute: the same with as many of stage 1's most confident real images per class;
+- `power=P` (with `--power P`): each feature raised to the power P before the whitening (Tukey's ladder, the "PT"
+  of PT-MAP, Hu, Gripon & Pateux, ICANN 2021: the trunk's features are non-negative after its last ReLU);
+- `+ probe, lambda=L` (with `--probe-ensemble L`): the graph's scores (as softmax probabilities) ensembled with a
+  logistic regression fitted on the labeled images alone: argmax of log p_graph + L log p_probe;
+- `redrawn labeled images, sigma=S` (with `--redraw S`, on run directories with stage 2 done): `--redraw-per`
+  copies of each labeled image, noised to sigma S and denoised by the run's generator conditioned on the image's
+  true class (SDEdit, Meng et al., ICLR 2022), join the graph as labeled nodes of weight `stage3.pseudo_weight`
+  (as stage 3's pseudo-images do); `weak copies of labeled images` is its baseline without the generator: as
+  many weakly augmented copies at the same weight;
 - `ceiling: ...` (with `--ceiling`): the same features with **every** training label, test top-1 of a logistic
   regression and of a 10-nearest-neighbour vote on the whitened features. A diagnostic of what the features
   separate, not a learner; the test split chooses nothing here.
@@ -114,24 +123,29 @@ class Problem:
         self.pool = np.setdiff1d(np.arange(len(self.y)), self.labeled)
         self.encoder_file = run / "encoder" / "encoder.safetensors"
 
-    def nodes(self, feats: np.ndarray) -> np.ndarray:
+    def nodes(self, feats: np.ndarray, also: np.ndarray | None = None) -> np.ndarray:
+        """The graph's nodes: `feats` (N, D), then `also` (M, D), whitened as the run does (fitted on `feats`)."""
         g = self.cfg.graph
+        both = feats if also is None else np.concatenate([feats, also])
         if not g.whiten:
-            return feats
+            return both
         mean, projection = graph.whitening(feats, g.whiten)
-        return graph.whiten(feats, mean, projection)
+        return graph.whiten(both, mean, projection)
 
-    def scores(self, feats: np.ndarray, k: int | None = None, extra: tuple[np.ndarray, np.ndarray] | None = None
-               ) -> torch.Tensor:
-        """Scores (N, C); `extra` = (features (M, D), labels (M,)) of more labeled nodes, appended to the graph."""
+    def scores(self, feats: np.ndarray, k: int | None = None, extra: tuple[np.ndarray, np.ndarray] | None = None,
+               extra_weight: float = 1.0) -> torch.Tensor:
+        """Scores (N, C); `extra` = (features (M, D), labels (M,)) of more labeled nodes, appended to the graph,
+        each a source of weight `extra_weight` (a real label weighs 1); the whitening is fitted on `feats`."""
         g = self.cfg.graph
-        labeled, labels = self.labeled, self.y[self.labeled]
+        labeled, labels, strength = self.labeled, self.y[self.labeled], np.ones(len(self.labeled))
+        nodes = self.nodes(feats)
         if extra is not None:
             labeled = np.concatenate([labeled, len(feats) + np.arange(len(extra[0]))])
             labels = np.concatenate([labels, extra[1]])
-            feats = np.concatenate([feats, extra[0]])
-        return graph.propagate(self.nodes(feats), labeled, labels, self.C, k=k or g.k, max_iter=g.max_iter,
-                               balanced=g.balanced, score_of=self.pool)["scores"][:len(self.y)]
+            strength = np.concatenate([strength, np.full(len(extra[0]), extra_weight)])
+            nodes = self.nodes(feats, also=extra[0])
+        return graph.propagate(nodes, labeled, labels, self.C, k=k or g.k, max_iter=g.max_iter, balanced=g.balanced,
+                               score_of=self.pool, strength=strength)["scores"][:len(self.y)]
 
     def accuracy(self, scores: torch.Tensor) -> float:
         return float((scores.argmax(1).numpy()[self.pool] == self.y[self.pool]).mean() * 100)
@@ -226,6 +240,37 @@ def fine_tune(p: Problem, images: np.ndarray, labels: np.ndarray, steps: int, se
     return p.features(net, p.ds.train_images)
 
 
+def probe_ensemble(p: Problem, feats: np.ndarray, scores: torch.Tensor, lam: float) -> np.ndarray:
+    """Labels (N,) of log p_graph + lam log p_probe, the probe a logistic regression on the labeled images alone."""
+    probe = fit_probe(feats[p.labeled], p.y[p.labeled], feats, p.C, p.cfg.linear_probe.l2_strength,
+                      max_iter=p.cfg.linear_probe.max_iter, device=torch.device("cpu"))
+    log_graph = np.log(graph.probabilities(scores) + 1e-12)
+    return (log_graph + lam * np.log(probe_predict(probe, feats) + 1e-12)).argmax(1)
+
+
+@torch.no_grad()
+def redraw_labeled(p: Problem, run: Path, sigma: float, per: int, steps: int = 10, seed: int = 12345
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """`per` copies of each labeled image noised to `sigma` and denoised by the run's generator (DPM-Solver++(2M),
+    `steps` steps from `sigma`, its guidance scale) conditioned on the image's true class: uint8 images, labels."""
+    from dualpseudo.api import load_generator
+    from dualpseudo.diffuse.generate import conditional_denoiser, initial_noise, to_uint8
+    from dualpseudo.diffuse.samplers import SAMPLERS, edm_sigmas
+    gen = load_generator(run)
+    source = np.repeat(p.labeled, per)
+    labels = p.y[source]
+    x0 = to_float(torch.from_numpy(p.ds.train_images[source]).permute(0, 3, 1, 2))
+    sigmas = edm_sigmas(steps, 0.002, sigma)
+    out = []
+    for start in range(0, len(source), 500):
+        sl = slice(start, start + 500)
+        noise = initial_noise(np.arange(len(source))[sl] + seed, tuple(x0.shape[1:]))
+        denoiser = conditional_denoiser(gen.net, torch.as_tensor(labels[sl]), gen.defaults["guidance_scale"],
+                                        gen.device, gen.defaults["precision"])
+        out.append(to_uint8(SAMPLERS["dpmpp_2m"](denoiser, x0[sl] + sigma * noise, sigmas)))
+    return np.concatenate(out), labels
+
+
 def pseudo_train_sets(p: Problem, run: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """The labeled images plus, for `generated`, the run's stage-2 pseudo-images (their conditioning labels), or
     for `real`, as many of stage 1's most confident pseudo-labeled real images per class (self-training)."""
@@ -285,6 +330,23 @@ def bench_run(run: Path, args) -> dict[str, float]:
                             balanced=p.cfg.graph.balanced, score_of=p.pool)["scores"])
     for mu in args.mbo:
         acc[f"mbo mu={mu:g}"] = p.accuracy(poisson_mbo(p, feats, mu))
+    if args.power:
+        acc[f"power={args.power:g}"] = p.accuracy(p.scores(np.power(feats.astype(np.float64), args.power)
+                                                           .astype(np.float32)))
+    for lam in args.probe_ensemble:
+        acc[f"+ probe, lambda={lam:g}"] = float((probe_ensemble(p, feats, base, lam)[p.pool] == p.y[p.pool]).mean()
+                                                * 100)
+    if args.redraw:
+        w = p.cfg.stage3.pseudo_weight
+        gen = torch.Generator().manual_seed(0)
+        copies = np.repeat(p.ds.train_images[p.labeled], args.redraw_per, 0)
+        extra = p.features(net, copies, lambda x: augment.weak(x, gen, p.cfg.data.hflip))
+        acc["weak copies of labeled images"] = p.accuracy(
+            p.scores(feats, extra=(extra, np.repeat(p.y[p.labeled], args.redraw_per)), extra_weight=w))
+        for sigma in args.redraw:
+            images, labels = redraw_labeled(p, run, sigma, args.redraw_per)
+            acc[f"redrawn labeled images, sigma={sigma:g}"] = p.accuracy(
+                p.scores(feats, extra=(p.features(net, images), labels), extra_weight=w))
     if args.self_train_steps:
         acc["self-train"] = p.accuracy(p.scores(self_train(p, base, args.self_train_steps)))
     if args.pseudo_train_steps:
@@ -312,6 +374,12 @@ def main() -> None:
     p.add_argument("--pseudo-train-steps", type=int, default=0,
                    help="fine-tune the encoder this many steps on the labeled images plus the run's pseudo-images "
                         "(and, as the baseline, as many confident real ones per class); needs stage 2 (0: off)")
+    p.add_argument("--power", type=float, default=0.0, help="features to this power before the graph (0: off)")
+    p.add_argument("--probe-ensemble", type=float, nargs="*", default=[],
+                   help="ensemble the graph with a labeled-only logistic regression at these weights")
+    p.add_argument("--redraw", type=float, nargs="*", default=[],
+                   help="labeled images redrawn by the run's generator from these noise levels; needs stage 2")
+    p.add_argument("--redraw-per", type=int, default=50, help="copies of each labeled image for --redraw")
     p.add_argument("--ceiling", action="store_true", help="add the every-label test top-1 rows")
     args = p.parse_args()
     torch.manual_seed(0)

@@ -22,7 +22,8 @@ def test_bench_graph_reproduces_stage1_and_runs_every_variant(graph_run):
     run, _ = graph_run
     bench = _bench_graph()
     args = argparse.Namespace(k=[3], views=["flip", "shift"], feats=list(bench.POOLS), labeled_views=2, wccn=[0.5],
-                              mbo=[1.0], self_train_steps=2, pseudo_train_steps=2, ceiling=True)
+                              mbo=[1.0], self_train_steps=2, pseudo_train_steps=2, ceiling=True, power=0.5,
+                              probe_ensemble=[0.0, 0.5], redraw=[1.0], redraw_per=2)
     acc = bench.bench_run(run, args)
     stage1 = read_json(run / "stage1/metrics.json")["pseudo_labels"]
     pool = stage1["num_images"]
@@ -31,8 +32,11 @@ def test_bench_graph_reproduces_stage1_and_runs_every_variant(graph_run):
     assert set(acc) == {"demo", "k=3", "views=flip", "views=shift", "feats=2x2", "feats=l3+l4", "labeled views=2",
                         "within-class whitened, shrink=0.5", "mbo mu=1", "self-train",
                         "fine-tuned on generated pseudo-images", "fine-tuned on real pseudo-images",
-                        "ceiling: logistic regression, every label (test top-1)",
+                        "power=0.5", "+ probe, lambda=0", "+ probe, lambda=0.5", "weak copies of labeled images",
+                        "redrawn labeled images, sigma=1", "ceiling: logistic regression, every label (test top-1)",
                         "ceiling: 10-NN vote, every label (test top-1)"}
+    # a probe at weight 0 leaves the graph's labels as they are
+    assert acc["+ probe, lambda=0"] == pytest.approx(acc["demo"], abs=1e-9)
     # every pool accuracy is a whole number of the pool's images
     for name, value in acc.items():
         if not name.startswith("ceiling"):
@@ -76,7 +80,8 @@ def test_bench_graph_reads_the_trunk_as_a_mirror_run_does(graph_run):
     other = stage1_beside(base, "mirror", "linear_probe.mirror=true")
     bench = _bench_graph()
     args = argparse.Namespace(k=[], views=["flip"], feats=[], labeled_views=0, wccn=[], mbo=[], self_train_steps=0,
-                              pseudo_train_steps=0, ceiling=False)
+                              pseudo_train_steps=0, ceiling=False, power=0.0, probe_ensemble=[], redraw=[],
+                              redraw_per=0)
     acc = bench.bench_run(other, args)
     stage1 = read_json(other / "stage1/metrics.json")["pseudo_labels"]
     assert acc["demo"] == pytest.approx(100 * stage1["accuracy"], abs=100 / stage1["num_images"] + 1e-9)
@@ -89,3 +94,18 @@ def test_bench_graph_reads_the_trunk_as_a_mirror_run_does(graph_run):
     np.testing.assert_allclose(problem.features(net, problem.ds.train_images[:8]), 0.5 * (plain + flipped),
                                rtol=1e-5, atol=1e-6)
     assert not np.allclose(plain, flipped, atol=1e-4)
+
+
+def test_redrawn_labeled_images_stay_near_their_source_at_low_noise(graph_run):
+    """SDEdit from a small noise level returns (nearly) the labeled image itself, from a large one another image;
+    each copy keeps its source's true class."""
+    run, _ = graph_run
+    bench = _bench_graph()
+    problem = bench.Problem(run)
+    source = np.repeat(problem.ds.train_images[problem.labeled], 2, 0).astype(np.float64)
+    near, labels = bench.redraw_labeled(problem, run, 0.01, 2, steps=2)
+    far, _ = bench.redraw_labeled(problem, run, 40.0, 2, steps=4)
+    assert near.shape == far.shape == source.shape and near.dtype == np.uint8
+    assert (labels == np.repeat(problem.y[problem.labeled], 2)).all()
+    assert np.abs(near - source).mean() < 3.0                     # uint8 levels: the noise at sigma 0.01 is ~1.3
+    assert np.abs(far - source).mean() > 10 * np.abs(near - source).mean()
