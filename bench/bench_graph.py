@@ -219,7 +219,10 @@ def fine_tune(p: Problem, images: np.ndarray, labels: np.ndarray, steps: int, se
     features of the training images."""
     encoder = EncoderFeatures(p.encoder_file)
     net = encoder.net
-    model = nn.Sequential(net, nn.Linear(int(encoder.meta["feature_dim"]), p.C)).to(memory_format=torch.channels_last)
+    with torch.random.fork_rng(devices=[]):             # the head's initialisation: `seed` alone, not the variants
+        torch.manual_seed(seed)                         # that ran before this one
+        head = nn.Linear(int(encoder.meta["feature_dim"]), p.C)
+    model = nn.Sequential(net, head).to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW([{"params": net.parameters(), "lr": 5e-4},
                              {"params": model[1].parameters(), "lr": 5e-3}], weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[5e-4, 5e-3], total_steps=steps, pct_start=0.05)

@@ -109,3 +109,21 @@ def test_redrawn_labeled_images_stay_near_their_source_at_low_noise(graph_run):
     assert (labels == np.repeat(problem.y[problem.labeled], 2)).all()
     assert np.abs(near - source).mean() < 3.0                     # uint8 levels: the noise at sigma 0.01 is ~1.3
     assert np.abs(far - source).mean() > 10 * np.abs(near - source).mean()
+
+
+def test_a_fine_tune_depends_on_its_seed_alone(graph_run):
+    """A fine-tuning variant gives the same features whatever ran before it (the global RNG's state), and other
+    features for another seed."""
+    import torch
+    run, _ = graph_run
+    bench = _bench_graph()
+    problem = bench.Problem(run)
+    images, labels = problem.ds.train_images[problem.labeled], problem.y[problem.labeled]
+    torch.manual_seed(1)
+    first = bench.fine_tune(problem, images, labels, 2, seed=0)
+    torch.manual_seed(2)
+    torch.rand(100)
+    again = bench.fine_tune(problem, images, labels, 2, seed=0)
+    other = bench.fine_tune(problem, images, labels, 2, seed=1)
+    np.testing.assert_array_equal(first, again)
+    assert not np.allclose(first, other)
