@@ -243,23 +243,32 @@ def fine_tune(p: Problem, images: np.ndarray, labels: np.ndarray, steps: int, se
     return p.features(net, p.ds.train_images)
 
 
-def probe_ensemble(p: Problem, feats: np.ndarray, scores: torch.Tensor, lam: float) -> np.ndarray:
-    """Labels (N,) of log p_graph + lam log p_probe, the probe a logistic regression on the labeled images alone."""
+def probe_ensemble(p: Problem, feats: np.ndarray, scores: torch.Tensor, lams: list[float]) -> dict[float, np.ndarray]:
+    """For each lam, labels (N,) of log p_graph + lam log p_probe, the probe a logistic regression on the labeled
+    images alone (fitted once)."""
     probe = fit_probe(feats[p.labeled], p.y[p.labeled], feats, p.C, p.cfg.linear_probe.l2_strength,
                       max_iter=p.cfg.linear_probe.max_iter, device=torch.device("cpu"))
     log_graph = np.log(graph.probabilities(scores) + 1e-12)
-    return (log_graph + lam * np.log(probe_predict(probe, feats) + 1e-12)).argmax(1)
+    log_probe = np.log(probe_predict(probe, feats) + 1e-12)
+    return {lam: (log_graph + lam * log_probe).argmax(1) for lam in lams}
+
+
+def weak_copies(p: Problem, net: nn.Module, per: int) -> tuple[np.ndarray, np.ndarray]:
+    """Features and labels of `per` weakly augmented copies of each labeled image (augmentation seed 0)."""
+    gen = torch.Generator().manual_seed(0)
+    images = np.repeat(p.ds.train_images[p.labeled], per, 0)
+    return (p.features(net, images, lambda x: augment.weak(x, gen, p.cfg.data.hflip)),
+            np.repeat(p.y[p.labeled], per))
 
 
 @torch.no_grad()
-def redraw_labeled(p: Problem, run: Path, sigma: float, per: int, steps: int = 10, seed: int = 12345
+def redraw_labeled(p: Problem, gen, sigma: float, per: int, steps: int = 10, seed: int = 12345
                    ) -> tuple[np.ndarray, np.ndarray]:
-    """`per` copies of each labeled image noised to `sigma` and denoised by the run's generator (DPM-Solver++(2M),
-    `steps` steps from `sigma`, its guidance scale) conditioned on the image's true class: uint8 images, labels."""
-    from dualpseudo.api import load_generator
+    """`per` copies of each labeled image noised to `sigma` and denoised by a run's generator (`api.Generator`;
+    DPM-Solver++(2M), `steps` steps from `sigma`, the run's guidance scale) conditioned on the image's true class:
+    uint8 images, labels."""
     from dualpseudo.diffuse.generate import conditional_denoiser, initial_noise, to_uint8
     from dualpseudo.diffuse.samplers import SAMPLERS, edm_sigmas
-    gen = load_generator(run)
     source = np.repeat(p.labeled, per)
     labels = p.y[source]
     x0 = to_float(torch.from_numpy(p.ds.train_images[source]).permute(0, 3, 1, 2))
@@ -321,11 +330,8 @@ def bench_run(run: Path, args) -> dict[str, float]:
     for name in args.feats:
         acc[f"feats={name}"] = p.accuracy(p.scores(p.features(net, p.ds.train_images, pool=POOLS[name])))
     if args.labeled_views:
-        gen = torch.Generator().manual_seed(0)
-        images = np.repeat(p.ds.train_images[p.labeled], args.labeled_views, 0)
-        extra = p.features(net, images, lambda x: augment.weak(x, gen, p.cfg.data.hflip))
         acc[f"labeled views={args.labeled_views}"] = p.accuracy(
-            p.scores(feats, extra=(extra, np.repeat(p.y[p.labeled], args.labeled_views))))
+            p.scores(feats, extra=weak_copies(p, net, args.labeled_views)))
     for shrink in args.wccn:
         x = within_class_whitened(p, feats, base, shrink)
         acc[f"within-class whitened, shrink={shrink:g}"] = p.accuracy(
@@ -336,18 +342,17 @@ def bench_run(run: Path, args) -> dict[str, float]:
     if args.power:
         acc[f"power={args.power:g}"] = p.accuracy(p.scores(np.power(feats.astype(np.float64), args.power)
                                                            .astype(np.float32)))
-    for lam in args.probe_ensemble:
-        acc[f"+ probe, lambda={lam:g}"] = float((probe_ensemble(p, feats, base, lam)[p.pool] == p.y[p.pool]).mean()
-                                                * 100)
+    if args.probe_ensemble:
+        for lam, label in probe_ensemble(p, feats, base, args.probe_ensemble).items():
+            acc[f"+ probe, lambda={lam:g}"] = float((label[p.pool] == p.y[p.pool]).mean() * 100)
     if args.redraw:
+        from dualpseudo.api import load_generator
         w = p.cfg.stage3.pseudo_weight
-        gen = torch.Generator().manual_seed(0)
-        copies = np.repeat(p.ds.train_images[p.labeled], args.redraw_per, 0)
-        extra = p.features(net, copies, lambda x: augment.weak(x, gen, p.cfg.data.hflip))
         acc["weak copies of labeled images"] = p.accuracy(
-            p.scores(feats, extra=(extra, np.repeat(p.y[p.labeled], args.redraw_per)), extra_weight=w))
+            p.scores(feats, extra=weak_copies(p, net, args.redraw_per), extra_weight=w))
+        generator = load_generator(run)
         for sigma in args.redraw:
-            images, labels = redraw_labeled(p, run, sigma, args.redraw_per)
+            images, labels = redraw_labeled(p, generator, sigma, args.redraw_per)
             acc[f"redrawn labeled images, sigma={sigma:g}"] = p.accuracy(
                 p.scores(feats, extra=(p.features(net, images), labels), extra_weight=w))
     if args.self_train_steps:

@@ -103,8 +103,10 @@ def test_redrawn_labeled_images_stay_near_their_source_at_low_noise(graph_run):
     bench = _bench_graph()
     problem = bench.Problem(run)
     source = np.repeat(problem.ds.train_images[problem.labeled], 2, 0).astype(np.float64)
-    near, labels = bench.redraw_labeled(problem, run, 0.01, 2, steps=2)
-    far, _ = bench.redraw_labeled(problem, run, 40.0, 2, steps=4)
+    from dualpseudo.api import load_generator
+    generator = load_generator(run)
+    near, labels = bench.redraw_labeled(problem, generator, 0.01, 2, steps=2)
+    far, _ = bench.redraw_labeled(problem, generator, 40.0, 2, steps=4)
     assert near.shape == far.shape == source.shape and near.dtype == np.uint8
     assert (labels == np.repeat(problem.y[problem.labeled], 2)).all()
     assert np.abs(near - source).mean() < 3.0                     # uint8 levels: the noise at sigma 0.01 is ~1.3
