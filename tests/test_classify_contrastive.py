@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from dualpseudo.classify.contrastive import (EncoderFeatures, moco_loss, momentum_update, nt_xent, resized_crop,
-                                             save_encoder, train_encoder, trunk, view)
+from dualpseudo.classify.contrastive import (EncoderFeatures, moco_loss, momentum_update, nnclr_loss, nt_xent,
+                                             resized_crop, save_encoder, train_encoder, trunk, view)
 from dualpseudo.classify.linear import cached_features
 from dualpseudo.config import EncoderConfig
 from dualpseudo.data.datasets import make_synthetic
@@ -17,7 +17,9 @@ from dualpseudo.distributed import LOCAL
 
 TINY = EncoderConfig(steps=24, batch_size=32, checkpoint_every=6, log_every=6, lr=3e-3)
 # moco with a queue of 96 keys: 64 keys a step, so the queue wraps around within the first checkpoint interval
-OBJECTIVES = {"simclr": TINY, "moco": dataclasses.replace(TINY, objective="moco", queue=96, momentum=0.9)}
+# nnclr with a support set of 48 projections: 32 first views a step, so it wraps around too
+OBJECTIVES = {"simclr": TINY, "moco": dataclasses.replace(TINY, objective="moco", queue=96, momentum=0.9),
+              "nnclr": dataclasses.replace(TINY, objective="nnclr", queue=48)}
 
 
 def _images():
@@ -48,6 +50,32 @@ def test_moco_loss_by_hand():
         0.5 * (math.log(2 + math.exp(-1 / t)) + math.log(1 + 2 * math.exp(-1 / t))), rel=1e-6)
     with pytest.raises(ValueError):
         moco_loss(torch.zeros(2, 3), torch.zeros(2, 3), e3[None], t)
+
+
+def test_nnclr_loss_by_hand():
+    # two images; the support set holds e3 and e4 = (e1 + e2)-ish directions. Image 0's views project near e3's
+    # direction, image 1's near e4's: the neighbours are e3 (image 0) and e4 (image 1) whatever the scale
+    e1, e2, e3, e4 = torch.eye(4)
+    t = 0.5
+    z = torch.stack([e3 + 0.1 * e1, e4 + 0.1 * e2, 2 * e3, 3 * e4])          # views 1 of images 0, 1; views 2
+    support = torch.stack([e3, e4])
+    # predictions equal to the other view's neighbour: each row meets its positive at 1/t and the other image at 0
+    p = torch.stack([e3, e4, e3, e4])
+    assert nnclr_loss(z, p, support, t).item() == pytest.approx(math.log(1 + math.exp(-1 / t)), rel=1e-6)
+    # predictions swapped between the images: the positive is the one at 0, the negative at 1/t
+    swapped = torch.stack([e4, e3, e4, e3])
+    assert nnclr_loss(z, swapped, support, t).item() == pytest.approx(math.log(1 + math.exp(1 / t)), rel=1e-6)
+    # an empty support set: each projection is its own neighbour (z normalised): the same loss as the first case
+    # when the projections are the unit vectors themselves
+    zz = torch.stack([e3, e4, e3, e4])
+    assert nnclr_loss(zz, p, support[:0], t).item() == pytest.approx(math.log(1 + math.exp(-1 / t)), rel=1e-6)
+    # gradients reach the predictions, never the neighbours' projections
+    zg, pg = z.clone().requires_grad_(), p.clone().requires_grad_()
+    nnclr_loss(zg, pg, support, t).backward()
+    assert zg.grad is None or not zg.grad.any()
+    assert pg.grad is not None and pg.grad.abs().sum() > 0
+    with pytest.raises(ValueError):
+        nnclr_loss(torch.zeros(2, 3), torch.zeros(2, 3), support[:, :3], t)
 
 
 def test_momentum_update_moves_parameters_and_copies_buffers():

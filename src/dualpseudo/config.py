@@ -207,7 +207,8 @@ class EncoderConfig:
     encoder. Left out of stage hashes otherwise.
     """
 
-    objective: Literal["simclr", "moco"] = "simclr"  # moco: keys from a momentum copy, a queue of past keys
+    objective: Literal["simclr", "moco", "nnclr"] = "simclr"  # moco: keys from a momentum copy, a queue of past
+                                                      # keys; nnclr: positives are nearest neighbours in a queue
     network: str = "cnn_small"                        # a classifier trunk (classify.networks, `fc` removed)
     steps: int = 2000
     batch_size: int = 256                             # images per step (two views each)
@@ -215,7 +216,8 @@ class EncoderConfig:
     weight_decay: float = 1e-4
     temperature: float = 0.2                          # NT-Xent temperature
     momentum: float = added_later(0.99)               # objective moco: EMA of the key encoder
-    queue: int = added_later(16384)                   # objective moco: past keys kept as extra negatives
+    queue: int = added_later(16384)                   # moco: past keys kept as extra negatives; nnclr: the
+                                                      # support set of past projections
     proj_dim: int = 128                               # projection head output (training only)
     crop_min: float = 0.3                             # random resized crop: smallest area fraction
     randaugment_ops: int = 2
@@ -359,7 +361,7 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "encoder.weight_decay": (lambda v: v >= 0, ">= 0"),
     "encoder.temperature": (lambda v: v > 0, "> 0"),
     "encoder.momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "encoder.queue": (lambda v: v >= 0, ">= 0 (0: in-batch keys only)"),
+    "encoder.queue": (lambda v: v >= 0, ">= 0 (0: in-batch keys only; nnclr: each projection its own neighbour)"),
     "encoder.proj_dim": (lambda v: v > 0, "> 0"),
     "encoder.crop_min": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "encoder.randaugment_ops": (lambda v: v >= 0, ">= 0"),

@@ -23,6 +23,15 @@ with the other images' keys of the same batch among the negatives (so the positi
 with negatives, and BatchNorm cannot tell it apart; no shuffled BN needed on one device). Small batches get many
 negatives without SimCLR's large-batch cost.
 
+`encoder.objective: nnclr` (Dwibedi et al., ICCV 2021) takes each view's positive from the data instead of the
+augmentation alone: the nearest neighbour NN(z) of its projection in a support set (a queue of `encoder.queue`
+past first-view projections), contrasted with a prediction head's output p of the other view:
+
+    loss = mean over both views of CE( NN(z_i) . p_k(other view) / t over the batch's images k, k = i ),
+
+so images that already embed close together are pulled closer: the clustering a k-NN graph learner reads. Before
+the first projections are queued, NN(z) is z itself.
+
 Training resumes exactly from `state.pt` (weights, optimizer, augmentation generator, step; with moco the key
 model and the queue too): the batch order is a pure function of (seed, step). With several processes each rank
 contrasts its own share of the batch (negatives are the rank's own images and keys) and DDP averages the
@@ -64,18 +73,27 @@ def trunk(network: str, in_channels: int, image_size: int) -> tuple[nn.Module, i
     return net, dim
 
 
-class ContrastiveModel(nn.Module):
-    """trunk (N, C, H, W) in [-1, 1] -> features h (N, D); head h -> projection z (N, proj_dim)."""
+def mlp(dim_in: int, hidden: int, dim_out: int) -> nn.Sequential:
+    """Linear, BatchNorm, ReLU, Linear: SimCLR's projection head and NNCLR's prediction head."""
+    return nn.Sequential(nn.Linear(dim_in, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+                         nn.Linear(hidden, dim_out))
 
-    def __init__(self, network: str, in_channels: int, image_size: int, proj_dim: int):
+
+class ContrastiveModel(nn.Module):
+    """trunk (N, C, H, W) in [-1, 1] -> features h (N, D); head h -> projection z (N, proj_dim).
+
+    With `predictor`, forward returns (z, p): p a prediction head's output on z (NNCLR)."""
+
+    def __init__(self, network: str, in_channels: int, image_size: int, proj_dim: int, predictor: bool = False):
         super().__init__()
         self.trunk, dim = trunk(network, in_channels, image_size)
-        self.head = nn.Sequential(nn.Linear(dim, dim, bias=False), nn.BatchNorm1d(dim), nn.ReLU(inplace=True),
-                                  nn.Linear(dim, proj_dim))
+        self.head = mlp(dim, dim, proj_dim)
+        self.predictor = mlp(proj_dim, dim, proj_dim) if predictor else None
         self.dim = dim
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.trunk(x))
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        z = self.head(self.trunk(x))
+        return z if self.predictor is None else (z, self.predictor(z))
 
 
 def nt_xent(z: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -105,6 +123,25 @@ def moco_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature
     keys = torch.cat([other[:b], queue]), torch.cat([other[b:], queue])     # (B + Q, P) for each view's queries
     target = torch.arange(b, device=q.device)
     return 0.5 * sum(F.cross_entropy(qv @ kv.T / temperature, target) for qv, kv in zip((q[:b], q[b:]), keys))
+
+
+def nnclr_loss(z: torch.Tensor, p: torch.Tensor, support: torch.Tensor, temperature: float) -> torch.Tensor:
+    """NNCLR's loss of projections z (2B, P) and predictions p (2B, P) against a support set (S, P), a scalar.
+
+    Rows i and i + B are the two views of image i. Each view's projection is replaced by its nearest neighbour in
+    `support` (unit vectors; cosine similarity; no gradient), which must pick out the other view's prediction of the
+    same image among the batch's predictions of that view. An empty support set uses the projections themselves."""
+    n = len(z)
+    if n % 2 or n < 4:
+        raise ValueError(f"nnclr_loss needs an even number >= 4 of projections, got {n}")
+    b = n // 2
+    with torch.no_grad():
+        zn = F.normalize(z.detach().float(), dim=1)
+        nn_ = support[(zn @ support.T).argmax(1)] if len(support) else zn           # (2B, P)
+    p = F.normalize(p.float(), dim=1)
+    target = torch.arange(b, device=z.device)
+    return 0.5 * (F.cross_entropy(nn_[:b] @ p[b:].T / temperature, target)
+                  + F.cross_entropy(nn_[b:] @ p[:b].T / temperature, target))
 
 
 @torch.no_grad()
@@ -148,7 +185,7 @@ def _resume_key(cfg: EncoderConfig, shape: tuple, num_images: int, seed: int) ->
 def train_encoder(cfg: EncoderConfig, images: np.ndarray, out_dir: str | Path, *, hflip: bool,
                   device: str | torch.device, precision: str, seed: int, stop_at: int | None = None,
                   world: World, progress: bool = True) -> ContrastiveModel:
-    """Train (or resume from out_dir/state.pt) SimCLR on uint8 images (N, H, W[, C]); the model in eval mode.
+    """Train (or resume from out_dir/state.pt) SimCLR, MoCo or NNCLR on uint8 images (N, H, W[, C]); the model in eval mode.
 
     `stop_at` ends this call early at that step (state saved), the schedule still spanning `cfg.steps`.
     Rank 0 alone writes files."""
@@ -165,12 +202,12 @@ def train_encoder(cfg: EncoderConfig, images: np.ndarray, out_dir: str | Path, *
     # model, optimizer, augmentation generator; resume
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = ContrastiveModel(cfg.network, C, H, cfg.proj_dim)
+        model = ContrastiveModel(cfg.network, C, H, cfg.proj_dim, predictor=cfg.objective == "nnclr")
     model = model.to(device, memory_format=torch.channels_last).train()
-    moco = cfg.objective == "moco"
+    moco, queued_objective = cfg.objective == "moco", cfg.objective in ("moco", "nnclr")
     key_model = copy.deepcopy(model).requires_grad_(False) if moco else None   # train mode: batch statistics
-    queue = torch.zeros(cfg.queue if moco else 0, cfg.proj_dim, device=device)  # rows read once written
-    queued = 0                                                                  # keys written so far (host int)
+    queue = torch.zeros(cfg.queue if queued_objective else 0, cfg.proj_dim, device=device)  # rows read once written
+    queued = 0                                                    # keys (moco) or projections (nnclr) written so far
     forward = world.wrap(model, device)
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
     gen = torch.Generator(device=device).manual_seed(seed + 31 + 1_000_003 * world.rank)
@@ -184,6 +221,7 @@ def train_encoder(cfg: EncoderConfig, images: np.ndarray, out_dir: str | Path, *
         restore_generator(gen, state["rng"], world)
         if moco:
             key_model.load_state_dict(state["key_model"])
+        if queued_objective:
             queue.copy_(state["queue"])
             queued = int(state["queued"])
         return int(state["step"])
@@ -196,7 +234,9 @@ def train_encoder(cfg: EncoderConfig, images: np.ndarray, out_dir: str | Path, *
 
     def checkpoint() -> None:
         guard.check_weights(model, at=f"after step {step}")      # a saved state always holds finite weights
-        extra = {"key_model": key_model.state_dict(), "queue": queue, "queued": queued} if moco else {}
+        extra = {"queue": queue, "queued": queued} if queued_objective else {}
+        if moco:
+            extra["key_model"] = key_model.state_dict()
         save_training_state(state_path, {"step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
                                          "rng": generator_states(gen, world), "resume_key": key, **extra},
                             world=world)
@@ -222,6 +262,10 @@ def train_encoder(cfg: EncoderConfig, images: np.ndarray, out_dir: str | Path, *
                 with torch.no_grad(), autocast(device, precision):
                     k = F.normalize(key_model(inputs).float(), dim=1)
                 loss = moco_loss(z, k, queue[:min(queued, len(queue))], cfg.temperature)
+            elif cfg.objective == "nnclr":
+                z, p = z
+                loss = nnclr_loss(z, p, queue[:min(queued, len(queue))], cfg.temperature)
+                k = F.normalize(z.detach().float()[:len(z) // 2], dim=1)      # the first views join the support set
             else:
                 loss = nt_xent(z, cfg.temperature)
             guard.check(loss, f"loss at step {step}")
@@ -230,6 +274,7 @@ def train_encoder(cfg: EncoderConfig, images: np.ndarray, out_dir: str | Path, *
             opt.step()
             if moco:
                 momentum_update(key_model, model, cfg.momentum)
+            if queued_objective:
                 if len(queue):
                     new = k[-len(queue):]                             # a batch larger than the queue: its last keys
                     queue[(queued + torch.arange(len(new), device=device)) % len(queue)] = new
