@@ -39,6 +39,9 @@ image is embedded once and labeled by each variant below; the table gives the ac
   true class (SDEdit, Meng et al., ICLR 2022), join the graph as labeled nodes of weight `stage3.pseudo_weight`
   (as stage 3's pseudo-images do); `weak copies of labeled images` is its baseline without the generator: as
   many weakly augmented copies at the same weight;
+- `+ encoder E` (with `--ensemble FILE...`): the features of another saved encoder (an `encoder.safetensors`,
+  read as the run reads its own) beside the run's: each whitened on its own as the run does, concatenated, then the
+  graph (an ensemble of encoders through the metric); `+ all encoders` with every file given, when more than one;
 - `ceiling: ...` (with `--ceiling`): the same features with **every** training label, test top-1 of a logistic
   regression and of a 10-nearest-neighbour vote on the whitened features. A diagnostic of what the features
   separate, not a learner; the test split chooses nothing here.
@@ -297,6 +300,14 @@ def pseudo_train_sets(p: Problem, run: Path) -> dict[str, tuple[np.ndarray, np.n
             "real": (np.concatenate([x_lb, p.ds.train_images[pick]]), np.concatenate([y_lb, stage1.label[pick]]))}
 
 
+def ensembled(p: Problem, blocks: list[np.ndarray]) -> torch.Tensor:
+    """Graph scores on several encoders' features (each (N, D_i)), each whitened on its own, concatenated."""
+    g = p.cfg.graph
+    nodes = np.concatenate([p.nodes(b) for b in blocks], 1)
+    return graph.propagate(nodes, p.labeled, p.y[p.labeled], p.C, k=g.k, max_iter=g.max_iter, balanced=g.balanced,
+                           score_of=p.pool)["scores"]
+
+
 def ceiling(p: Problem, feats: np.ndarray, net: nn.Module) -> dict[str, float]:
     """Test top-1 (%) with every training label: logistic regression, and a 10-NN vote on whitened features."""
     test = p.features(net, p.ds.test_images)
@@ -355,6 +366,12 @@ def bench_run(run: Path, args) -> dict[str, float]:
             images, labels = redraw_labeled(p, generator, sigma, args.redraw_per)
             acc[f"redrawn labeled images, sigma={sigma:g}"] = p.accuracy(
                 p.scores(feats, extra=(p.features(net, images), labels), extra_weight=w))
+    if args.ensemble:
+        others = {Path(f).parent.name: p.features(EncoderFeatures(f).net, p.ds.train_images) for f in args.ensemble}
+        for name, other in others.items():
+            acc[f"+ encoder {name}"] = p.accuracy(ensembled(p, [feats, other]))
+        if len(others) > 1:
+            acc["+ all encoders"] = p.accuracy(ensembled(p, [feats, *others.values()]))
     if args.self_train_steps:
         acc["self-train"] = p.accuracy(p.scores(self_train(p, base, args.self_train_steps)))
     if args.pseudo_train_steps:
@@ -388,6 +405,8 @@ def main() -> None:
     p.add_argument("--redraw", type=float, nargs="*", default=[],
                    help="labeled images redrawn by the run's generator from these noise levels; needs stage 2")
     p.add_argument("--redraw-per", type=int, default=50, help="copies of each labeled image for --redraw")
+    p.add_argument("--ensemble", nargs="*", default=[],
+                   help="other encoder.safetensors files whose features join the run's (each whitened on its own)")
     p.add_argument("--ceiling", action="store_true", help="add the every-label test top-1 rows")
     args = p.parse_args()
     torch.manual_seed(0)

@@ -23,7 +23,8 @@ def test_bench_graph_reproduces_stage1_and_runs_every_variant(graph_run):
     bench = _bench_graph()
     args = argparse.Namespace(k=[3], views=["flip", "shift"], feats=list(bench.POOLS), labeled_views=2, wccn=[0.5],
                               mbo=[1.0], self_train_steps=2, pseudo_train_steps=2, ceiling=True, power=0.5,
-                              probe_ensemble=[0.0, 0.5], redraw=[1.0], redraw_per=2)
+                              probe_ensemble=[0.0, 0.5], redraw=[1.0], redraw_per=2,
+                              ensemble=[str(run / "encoder/encoder.safetensors")])
     acc = bench.bench_run(run, args)
     stage1 = read_json(run / "stage1/metrics.json")["pseudo_labels"]
     pool = stage1["num_images"]
@@ -34,9 +35,11 @@ def test_bench_graph_reproduces_stage1_and_runs_every_variant(graph_run):
                         "fine-tuned on generated pseudo-images", "fine-tuned on real pseudo-images",
                         "power=0.5", "+ probe, lambda=0", "+ probe, lambda=0.5", "weak copies of labeled images",
                         "redrawn labeled images, sigma=1", "ceiling: logistic regression, every label (test top-1)",
-                        "ceiling: 10-NN vote, every label (test top-1)"}
+                        "ceiling: 10-NN vote, every label (test top-1)", "+ encoder encoder"}
     # a probe at weight 0 leaves the graph's labels as they are
     assert acc["+ probe, lambda=0"] == pytest.approx(acc["demo"], abs=1e-9)
+    # the run's own encoder beside itself: two equal whitened blocks, the same normalised nodes, the same labels
+    assert acc["+ encoder encoder"] == pytest.approx(acc["demo"], abs=100 / pool + 1e-9)
     # every pool accuracy is a whole number of the pool's images
     for name, value in acc.items():
         if not name.startswith("ceiling"):
@@ -81,7 +84,7 @@ def test_bench_graph_reads_the_trunk_as_a_mirror_run_does(graph_run):
     bench = _bench_graph()
     args = argparse.Namespace(k=[], views=["flip"], feats=[], labeled_views=0, wccn=[], mbo=[], self_train_steps=0,
                               pseudo_train_steps=0, ceiling=False, power=0.0, probe_ensemble=[], redraw=[],
-                              redraw_per=0)
+                              redraw_per=0, ensemble=[])
     acc = bench.bench_run(other, args)
     stage1 = read_json(other / "stage1/metrics.json")["pseudo_labels"]
     assert acc["demo"] == pytest.approx(100 * stage1["accuracy"], abs=100 / stage1["num_images"] + 1e-9)
