@@ -53,8 +53,8 @@ def test_moco_loss_by_hand():
 
 
 def test_nnclr_loss_by_hand():
-    # two images; the support set holds e3 and e4 = (e1 + e2)-ish directions. Image 0's views project near e3's
-    # direction, image 1's near e4's: the neighbours are e3 (image 0) and e4 (image 1) whatever the scale
+    # two images and a support set of e3 and e4. Image 0's views project near e3, image 1's near e4 (at any
+    # scale): their nearest neighbours are e3 (image 0) and e4 (image 1)
     e1, e2, e3, e4 = torch.eye(4)
     t = 0.5
     z = torch.stack([e3 + 0.1 * e1, e4 + 0.1 * e2, 2 * e3, 3 * e4])          # views 1 of images 0, 1; views 2

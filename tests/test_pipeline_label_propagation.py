@@ -49,13 +49,14 @@ def test_another_split_reuses_the_shared_encoder(graph_run, capsys):
     assert not (other / "report.html").exists()          # a stage alone writes a report only where one exists
 
 
-def test_a_moco_encoder_is_its_own_shared_encoder_and_labels_stage1(graph_run):
+@pytest.mark.parametrize("objective", ["moco", "nnclr"])
+def test_another_objective_is_its_own_shared_encoder_and_labels_stage1(graph_run, objective):
     run, base = graph_run
-    other = stage1_beside(base, "moco", "encoder.objective=moco", "encoder.queue=64")
+    other = stage1_beside(base, objective, f"encoder.objective={objective}", "encoder.queue=64")
     summary, demo = (read_json(d / "encoder/manifest.json")["summary"] for d in (other, run))
     assert summary["reused_shared"] is False and summary["key"] != demo["key"]
     from dualpseudo.classify.contrastive import load_encoder
-    assert load_encoder(other / "encoder/encoder.safetensors")[1]["objective"] == "moco"
+    assert load_encoder(other / "encoder/encoder.safetensors")[1]["objective"] == objective
     m1 = read_json(other / "stage1/metrics.json")
     assert m1["learner"] == "label-propagation" and m1["test"]["top1"] > 0.5
 

@@ -33,7 +33,7 @@ so images that already embed close together are pulled closer: the clustering a 
 the first projections are queued, NN(z) is z itself.
 
 Training resumes exactly from `state.pt` (weights, optimizer, augmentation generator, step; with moco the key
-model and the queue too): the batch order is a pure function of (seed, step). With several processes each rank
+model and the queue too, with nnclr the support set): the batch order is a pure function of (seed, step). With several processes each rank
 contrasts its own share of the batch (negatives are the rank's own images and keys) and DDP averages the
 gradients.
 """
@@ -185,7 +185,8 @@ def _resume_key(cfg: EncoderConfig, shape: tuple, num_images: int, seed: int) ->
 def train_encoder(cfg: EncoderConfig, images: np.ndarray, out_dir: str | Path, *, hflip: bool,
                   device: str | torch.device, precision: str, seed: int, stop_at: int | None = None,
                   world: World, progress: bool = True) -> ContrastiveModel:
-    """Train (or resume from out_dir/state.pt) SimCLR, MoCo or NNCLR on uint8 images (N, H, W[, C]); the model in eval mode.
+    """Train (or resume from out_dir/state.pt) SimCLR, MoCo or NNCLR on uint8 images (N, H, W[, C]); the model in
+    eval mode.
 
     `stop_at` ends this call early at that step (state saved), the schedule still spanning `cfg.steps`.
     Rank 0 alone writes files."""
