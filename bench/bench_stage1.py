@@ -2,7 +2,9 @@
 
 One SSL step = 64 labeled + 448 unlabeled 28x28x1 images (weak + strong views, so 960 images through the
 network), augmentation, losses, SGD and EMA, measured inside `train_classifier` from its stats.jsonl. The bare
-step is forward+backward of 960 random images through the same network. Medians over repeats.
+step is forward+backward of 960 random images through the same network. Medians over repeats. The last line
+is the self-supervised encoder's step (`train_encoder` with the demo's encoder settings: 256 images, two views
+each, NT-Xent), which sets the demo's longest stage.
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 .venv/bin/python bench/bench_stage1.py
 """
@@ -21,9 +23,10 @@ import torch
 import torch.nn.functional as F
 
 from dualpseudo.classify import augment
+from dualpseudo.classify.contrastive import train_encoder
 from dualpseudo.classify.networks import build_network
 from dualpseudo.classify.train import train_classifier
-from dualpseudo.config import Stage1Config
+from dualpseudo.config import EncoderConfig, Stage1Config
 from dualpseudo.distributed import LOCAL
 from dualpseudo.runtime import autocast, resolve_precision
 
@@ -70,6 +73,18 @@ def ssl_step_seconds(learner: str, network: str, precision: str, steps: int, win
     return [1.0 / l["steps_per_s"] for l in lines[1:]]
 
 
+def encoder_step_seconds(network: str, precision: str, steps: int, window: int) -> list[float]:
+    """Seconds per step of train_encoder (the demo's views and batch), one value per logged window (first dropped)."""
+    x = np.random.default_rng(0).integers(0, 256, (4096, 28, 28, 1), dtype=np.uint8)
+    cfg = EncoderConfig(network=network, steps=steps, batch_size=256, crop_min=0.5, cutout=0, log_every=window,
+                        checkpoint_every=10**6)
+    with tempfile.TemporaryDirectory() as tmp:
+        train_encoder(cfg, x, tmp, hflip=False, device="cpu", precision=precision, seed=0, progress=False,
+                      world=LOCAL)
+        lines = [json.loads(l) for l in (Path(tmp) / "stats.jsonl").read_text().splitlines()]
+    return [1.0 / l["steps_per_s"] for l in lines[1:]]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--network", default="cnn_small")
@@ -92,6 +107,8 @@ def main() -> None:
     for learner in ("fixmatch", "freematch"):
         s = statistics.median(ssl_step_seconds(learner, args.network, args.precision, args.steps, args.window))
         print(f"{learner + ' full step':28s} {s:8.4f} {1 / s:8.2f} {s / bare:7.2f}")
+    s = statistics.median(encoder_step_seconds(args.network, args.precision, args.steps, args.window))
+    print(f"{'encoder step (256 x 2)':28s} {s:8.4f} {1 / s:8.2f} {s / bare:7.2f}")
 
 
 if __name__ == "__main__":
