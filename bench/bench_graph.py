@@ -139,14 +139,20 @@ class Problem:
                extra_weight: float = 1.0) -> torch.Tensor:
         """Scores (N, C); `extra` = (features (M, D), labels (M,)) of more labeled nodes, appended to the graph,
         each a source of weight `extra_weight` (a real label weighs 1); the whitening is fitted on `feats`."""
+        if extra is None:
+            return self.propagate(self.nodes(feats), k)
+        labeled = np.concatenate([self.labeled, len(feats) + np.arange(len(extra[0]))])
+        labels = np.concatenate([self.y[self.labeled], extra[1]])
+        strength = np.concatenate([np.ones(len(self.labeled)), np.full(len(extra[0]), extra_weight)])
+        return self.propagate(self.nodes(feats, also=extra[0]), k, labeled, labels, strength)
+
+    def propagate(self, nodes: np.ndarray, k: int | None = None, labeled: np.ndarray | None = None,
+                  labels: np.ndarray | None = None, strength: np.ndarray | None = None) -> torch.Tensor:
+        """Scores (N, C) of the training images from the run's graph learner on ready node features (N [+ M], D):
+        the split's labeled images as sources unless `labeled`/`labels`/`strength` say otherwise."""
         g = self.cfg.graph
-        labeled, labels, strength = self.labeled, self.y[self.labeled], np.ones(len(self.labeled))
-        nodes = self.nodes(feats)
-        if extra is not None:
-            labeled = np.concatenate([labeled, len(feats) + np.arange(len(extra[0]))])
-            labels = np.concatenate([labels, extra[1]])
-            strength = np.concatenate([strength, np.full(len(extra[0]), extra_weight)])
-            nodes = self.nodes(feats, also=extra[0])
+        labeled = self.labeled if labeled is None else labeled
+        labels = self.y[self.labeled] if labels is None else labels
         return graph.propagate(nodes, labeled, labels, self.C, k=k or g.k, max_iter=g.max_iter, balanced=g.balanced,
                                score_of=self.pool, strength=strength)["scores"][:len(self.y)]
 
@@ -302,10 +308,7 @@ def pseudo_train_sets(p: Problem, run: Path) -> dict[str, tuple[np.ndarray, np.n
 
 def ensembled(p: Problem, blocks: list[np.ndarray]) -> torch.Tensor:
     """Graph scores on several encoders' features (each (N, D_i)), each whitened on its own, concatenated."""
-    g = p.cfg.graph
-    nodes = np.concatenate([p.nodes(b) for b in blocks], 1)
-    return graph.propagate(nodes, p.labeled, p.y[p.labeled], p.C, k=g.k, max_iter=g.max_iter, balanced=g.balanced,
-                           score_of=p.pool)["scores"]
+    return p.propagate(np.concatenate([p.nodes(b) for b in blocks], 1))
 
 
 def ceiling(p: Problem, feats: np.ndarray, net: nn.Module) -> dict[str, float]:
@@ -345,9 +348,7 @@ def bench_run(run: Path, args) -> dict[str, float]:
             p.scores(feats, extra=weak_copies(p, net, args.labeled_views)))
     for shrink in args.wccn:
         x = within_class_whitened(p, feats, base, shrink)
-        acc[f"within-class whitened, shrink={shrink:g}"] = p.accuracy(
-            graph.propagate(x, p.labeled, p.y[p.labeled], p.C, k=p.cfg.graph.k, max_iter=p.cfg.graph.max_iter,
-                            balanced=p.cfg.graph.balanced, score_of=p.pool)["scores"])
+        acc[f"within-class whitened, shrink={shrink:g}"] = p.accuracy(p.propagate(x))
     for mu in args.mbo:
         acc[f"mbo mu={mu:g}"] = p.accuracy(poisson_mbo(p, feats, mu))
     if args.power:

@@ -69,7 +69,12 @@ def ssl_step_seconds(learner: str, network: str, precision: str, steps: int, win
     with tempfile.TemporaryDirectory() as tmp:
         train_classifier(cfg, x_lb=x[:640], y_lb=y[:640], x_ulb=x, num_classes=10, hflip=False, out_dir=tmp,
                          device="cpu", precision=precision, seed=0, progress=False, world=LOCAL)
-        lines = [json.loads(l) for l in (Path(tmp) / "stats.jsonl").read_text().splitlines()]
+        return logged_step_seconds(tmp)
+
+
+def logged_step_seconds(out_dir: str) -> list[float]:
+    """Seconds per step from a training loop's stats.jsonl, one value per logged window, the first dropped."""
+    lines = [json.loads(l) for l in (Path(out_dir) / "stats.jsonl").read_text().splitlines()]
     return [1.0 / l["steps_per_s"] for l in lines[1:]]
 
 
@@ -81,8 +86,7 @@ def encoder_step_seconds(network: str, precision: str, steps: int, window: int) 
     with tempfile.TemporaryDirectory() as tmp:
         train_encoder(cfg, x, tmp, hflip=False, device="cpu", precision=precision, seed=0, progress=False,
                       world=LOCAL)
-        lines = [json.loads(l) for l in (Path(tmp) / "stats.jsonl").read_text().splitlines()]
-    return [1.0 / l["steps_per_s"] for l in lines[1:]]
+        return logged_step_seconds(tmp)
 
 
 def main() -> None:

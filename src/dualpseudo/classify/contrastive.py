@@ -263,10 +263,11 @@ def train_encoder(cfg: EncoderConfig, images: np.ndarray, out_dir: str | Path, *
                 with torch.no_grad(), autocast(device, precision):
                     k = F.normalize(key_model(inputs).float(), dim=1)
                 loss = moco_loss(z, k, queue[:min(queued, len(queue))], cfg.temperature)
+                enqueue = k                                                    # every view's key
             elif cfg.objective == "nnclr":
                 z, p = z
                 loss = nnclr_loss(z, p, queue[:min(queued, len(queue))], cfg.temperature)
-                k = F.normalize(z.detach().float()[:len(z) // 2], dim=1)      # the first views join the support set
+                enqueue = F.normalize(z.detach().float()[:len(z) // 2], dim=1)  # the first views' projections
             else:
                 loss = nt_xent(z, cfg.temperature)
             guard.check(loss, f"loss at step {step}")
@@ -277,7 +278,7 @@ def train_encoder(cfg: EncoderConfig, images: np.ndarray, out_dir: str | Path, *
                 momentum_update(key_model, model, cfg.momentum)
             if queued_objective:
                 if len(queue):
-                    new = k[-len(queue):]                             # a batch larger than the queue: its last keys
+                    new = enqueue[-len(queue):]                       # a batch larger than the queue: its last rows
                     queue[(queued + torch.arange(len(new), device=device)) % len(queue)] = new
                     queued += len(new)
             step += 1
