@@ -34,6 +34,10 @@ image is embedded once and labeled by each variant below; the table gives the ac
   of PT-MAP, Hu, Gripon & Pateux, ICANN 2021: the trunk's features are non-negative after its last ReLU);
 - `+ probe, lambda=L` (with `--probe-ensemble L`): the graph's scores (as softmax probabilities) ensembled with a
   logistic regression fitted on the labeled images alone: argmax of log p_graph + L log p_probe;
+- `balanced centres, lambda=L` (with `--em L`): PT-MAP's balanced mixture of class centres (Hu, Gripon & Pateux,
+  ICANN 2021) fitted to every image's node features from the graph's labels (30 rounds, centres moving 0.2 of the
+  way each, Sinkhorn to the labeled images' class shares, labeled images clamped); `x graph` keeps the graph's
+  softmax probabilities as a factor of each posterior;
 - `redrawn labeled images, sigma=S` (with `--redraw S`, on run directories with stage 2 done): `--redraw-per`
   copies of each labeled image, noised to sigma S and denoised by the run's generator conditioned on the image's
   true class (SDEdit, Meng et al., ICLR 2022), join the graph as labeled nodes of weight `stage3.pseudo_weight`
@@ -262,6 +266,37 @@ def probe_ensemble(p: Problem, feats: np.ndarray, scores: torch.Tensor, lams: li
     return {lam: (log_graph + lam * log_probe).argmax(1) for lam in lams}
 
 
+def balanced_em(p: Problem, feats: np.ndarray, scores: torch.Tensor, lam: float = 10.0, alpha: float = 0.2,
+                rounds: int = 30, graph_prior: bool = False) -> np.ndarray:
+    """Labels (N,) of a balanced mixture of class centres fitted to the whole pool, started from the graph's labels.
+
+    The E and M steps of PT-MAP (Hu, Gripon & Pateux, ICANN 2021) on the graph's node features (whitened, unit
+    length): each image's class posterior is proportional to exp(-lam ||x - centre_c||^2) (times the graph's
+    softmax probabilities with `graph_prior`), rescaled by Sinkhorn iterations so that every class takes its prior
+    share of the pool (the labeled images' class counts) and every image sums to one; the labeled images keep
+    their labels; each centre moves `alpha` of the way to its posterior-weighted mean per round. A parametric
+    reading of the same features beside the graph's non-parametric one."""
+    x = F.normalize(torch.as_tensor(p.nodes(feats), dtype=torch.float64), dim=1)
+    n = len(x)
+    labeled = torch.as_tensor(p.labeled)
+    clamp = F.one_hot(torch.as_tensor(p.y[p.labeled]), p.C).double()
+    log_graph = torch.log_softmax(scores.double(), 1)
+    prior = torch.as_tensor(np.bincount(p.y[p.labeled], minlength=p.C) / len(p.labeled))
+    post = F.one_hot(scores.argmax(1), p.C).double()
+    post[labeled] = clamp
+    centres = (post.T @ x) / post.sum(0)[:, None]
+    for _ in range(rounds):
+        logits = -lam * torch.cdist(x, centres).square() + (log_graph if graph_prior else 0.0)
+        q = torch.softmax(logits, 1)
+        for _ in range(50):                              # Sinkhorn: columns to n * prior, rows to one
+            q = q * (n * prior / q.sum(0).clamp_min(1e-300))[None, :]
+            q = q / q.sum(1, keepdim=True)
+        q[labeled] = clamp
+        centres = centres + alpha * ((q.T @ x) / q.sum(0)[:, None] - centres)
+        post = q
+    return post.argmax(1).numpy()
+
+
 def weak_copies(p: Problem, net: nn.Module, per: int) -> tuple[np.ndarray, np.ndarray]:
     """Features and labels of `per` weakly augmented copies of each labeled image (augmentation seed 0)."""
     gen = torch.Generator().manual_seed(0)
@@ -357,6 +392,11 @@ def bench_run(run: Path, args) -> dict[str, float]:
     if args.probe_ensemble:
         for lam, label in probe_ensemble(p, feats, base, args.probe_ensemble).items():
             acc[f"+ probe, lambda={lam:g}"] = float((label[p.pool] == p.y[p.pool]).mean() * 100)
+    for lam in args.em:
+        for prior in (False, True):
+            label = balanced_em(p, feats, base, lam, graph_prior=prior)
+            acc[f"balanced centres{' x graph' if prior else ''}, lambda={lam:g}"] = float(
+                (label[p.pool] == p.y[p.pool]).mean() * 100)
     if args.redraw:
         from dualpseudo.api import load_generator
         w = p.cfg.stage3.pseudo_weight
@@ -403,6 +443,8 @@ def main() -> None:
     p.add_argument("--power", type=float, default=0.0, help="features to this power before the graph (0: off)")
     p.add_argument("--probe-ensemble", type=float, nargs="*", default=[],
                    help="ensemble the graph with a labeled-only logistic regression at these weights")
+    p.add_argument("--em", type=float, nargs="*", default=[],
+                   help="balanced class centres fitted to the pool from the graph's labels, at these lambdas")
     p.add_argument("--redraw", type=float, nargs="*", default=[],
                    help="labeled images redrawn by the run's generator from these noise levels; needs stage 2")
     p.add_argument("--redraw-per", type=int, default=50, help="copies of each labeled image for --redraw")

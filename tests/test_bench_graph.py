@@ -23,7 +23,7 @@ def test_bench_graph_reproduces_stage1_and_runs_every_variant(graph_run):
     bench = _bench_graph()
     args = argparse.Namespace(k=[3], views=["flip", "shift"], feats=list(bench.POOLS), labeled_views=2, wccn=[0.5],
                               mbo=[1.0], self_train_steps=2, pseudo_train_steps=2, ceiling=True, power=0.5,
-                              probe_ensemble=[0.0, 0.5], redraw=[1.0], redraw_per=2,
+                              probe_ensemble=[0.0, 0.5], redraw=[1.0], redraw_per=2, em=[10.0],
                               ensemble=[str(run / "encoder/encoder.safetensors")])
     acc = bench.bench_run(run, args)
     stage1 = read_json(run / "stage1/metrics.json")["pseudo_labels"]
@@ -34,7 +34,8 @@ def test_bench_graph_reproduces_stage1_and_runs_every_variant(graph_run):
                         "within-class whitened, shrink=0.5", "mbo mu=1", "self-train",
                         "fine-tuned on generated pseudo-images", "fine-tuned on real pseudo-images",
                         "power=0.5", "+ probe, lambda=0", "+ probe, lambda=0.5", "weak copies of labeled images",
-                        "redrawn labeled images, sigma=1", "ceiling: logistic regression, every label (test top-1)",
+                        "redrawn labeled images, sigma=1", "balanced centres, lambda=10",
+                        "balanced centres x graph, lambda=10", "ceiling: logistic regression, every label (test top-1)",
                         "ceiling: 10-NN vote, every label (test top-1)", "+ encoder encoder"}
     # a probe at weight 0 leaves the graph's labels as they are
     assert acc["+ probe, lambda=0"] == pytest.approx(acc["demo"], abs=1e-9)
@@ -84,7 +85,7 @@ def test_bench_graph_reads_the_trunk_as_a_mirror_run_does(graph_run):
     bench = _bench_graph()
     args = argparse.Namespace(k=[], views=["flip"], feats=[], labeled_views=0, wccn=[], mbo=[], self_train_steps=0,
                               pseudo_train_steps=0, ceiling=False, power=0.0, probe_ensemble=[], redraw=[],
-                              redraw_per=0, ensemble=[])
+                              redraw_per=0, ensemble=[], em=[])
     acc = bench.bench_run(other, args)
     stage1 = read_json(other / "stage1/metrics.json")["pseudo_labels"]
     assert acc["demo"] == pytest.approx(100 * stage1["accuracy"], abs=100 / stage1["num_images"] + 1e-9)
@@ -132,3 +133,24 @@ def test_a_fine_tune_depends_on_its_seed_alone(graph_run):
     other = bench.fine_tune(problem, images, labels, 2, seed=1)
     np.testing.assert_array_equal(first, again)
     assert not np.allclose(first, other)
+
+
+def test_balanced_centres_keep_the_labels_and_the_class_shares(graph_run):
+    """The labeled images keep their labels; every class takes about its prior share of the pool (the Sinkhorn
+    step); with lambda 0 and the graph's probabilities as a factor the answer is the graph's, balanced."""
+    run, _ = graph_run
+    bench = _bench_graph()
+    problem = bench.Problem(run)
+    feats = problem.features(problem.trunk(), problem.ds.train_images)
+    scores = problem.scores(feats)
+    for lam, prior in ((10.0, False), (10.0, True)):
+        label = bench.balanced_em(problem, feats, scores, lam, graph_prior=prior)
+        assert label.shape == (len(problem.y),)
+        np.testing.assert_array_equal(label[problem.labeled], problem.y[problem.labeled])
+        share = np.bincount(label[problem.pool], minlength=problem.C) / len(problem.pool)
+        target = np.bincount(problem.y[problem.labeled], minlength=problem.C) / len(problem.labeled)
+        assert np.abs(share - target).max() < 0.1, (lam, prior, share)
+    # no distance term: the posteriors are the graph's softmax rebalanced, so the graph's confident rows survive
+    graph_only = bench.balanced_em(problem, feats, scores, 0.0, graph_prior=True)
+    agree = (graph_only[problem.pool] == scores.argmax(1).numpy()[problem.pool]).mean()
+    assert agree > 0.8
