@@ -273,28 +273,25 @@ def balanced_em(p: Problem, feats: np.ndarray, scores: torch.Tensor, lam: float 
     The E and M steps of PT-MAP (Hu, Gripon & Pateux, ICANN 2021) on the graph's node features (whitened, unit
     length): each image's class posterior is proportional to exp(-lam ||x - centre_c||^2) (times the graph's
     softmax probabilities with `graph_prior`), rescaled by Sinkhorn iterations so that every class takes its prior
-    share of the pool (the labeled images' class counts) and every image sums to one; the labeled images keep
-    their labels; each centre moves `alpha` of the way to its posterior-weighted mean per round. A parametric
+    share of the images (the labeled images' class shares) and every image sums to one; then the labeled images
+    get their labels back, and each centre moves `alpha` of the way to its posterior-weighted mean. A parametric
     reading of the same features beside the graph's non-parametric one."""
     x = F.normalize(torch.as_tensor(p.nodes(feats), dtype=torch.float64), dim=1)
-    n = len(x)
     labeled = torch.as_tensor(p.labeled)
     clamp = F.one_hot(torch.as_tensor(p.y[p.labeled]), p.C).double()
-    log_graph = torch.log_softmax(scores.double(), 1)
-    prior = torch.as_tensor(np.bincount(p.y[p.labeled], minlength=p.C) / len(p.labeled))
-    post = F.one_hot(scores.argmax(1), p.C).double()
-    post[labeled] = clamp
-    centres = (post.T @ x) / post.sum(0)[:, None]
+    log_graph = torch.log_softmax(scores.double(), 1) if graph_prior else 0.0
+    column_sums = len(x) * torch.as_tensor(np.bincount(p.y[p.labeled], minlength=p.C) / len(p.labeled))
+    q = F.one_hot(scores.argmax(1), p.C).double()       # round 0: the graph's labels
+    q[labeled] = clamp
+    centres = (q.T @ x) / q.sum(0)[:, None]
     for _ in range(rounds):
-        logits = -lam * torch.cdist(x, centres).square() + (log_graph if graph_prior else 0.0)
-        q = torch.softmax(logits, 1)
-        for _ in range(50):                              # Sinkhorn: columns to n * prior, rows to one
-            q = q * (n * prior / q.sum(0).clamp_min(1e-300))[None, :]
+        q = torch.softmax(-lam * torch.cdist(x, centres).square() + log_graph, 1)
+        for _ in range(50):                              # Sinkhorn: columns to the class shares, rows to one
+            q = q * (column_sums / q.sum(0).clamp_min(1e-300))[None, :]
             q = q / q.sum(1, keepdim=True)
         q[labeled] = clamp
         centres = centres + alpha * ((q.T @ x) / q.sum(0)[:, None] - centres)
-        post = q
-    return post.argmax(1).numpy()
+    return q.argmax(1).numpy()
 
 
 def weak_copies(p: Problem, net: nn.Module, per: int) -> tuple[np.ndarray, np.ndarray]:

@@ -33,9 +33,9 @@ so images that already embed close together are pulled closer: the clustering a 
 the first projections are queued, NN(z) is z itself.
 
 Training resumes exactly from `state.pt` (weights, optimizer, augmentation generator, step; with moco the key
-model and the queue too, with nnclr the support set): the batch order is a pure function of (seed, step). With several processes each rank
-contrasts its own share of the batch (negatives are the rank's own images and keys) and DDP averages the
-gradients.
+model and the queue too, with nnclr the support set): the batch order is a pure function of (seed, step). With
+several processes each rank contrasts its own share of the batch (negatives are the rank's own images and keys)
+and DDP averages the gradients.
 """
 from __future__ import annotations
 
